@@ -1,0 +1,171 @@
+"""Drop-in KernelWarehouse layers: ``KWConv1d``, ``KWConv2d``, ``KWConv3d`` and ``KWLinear``.
+
+A layer built on its own plans a private warehouse (``KWConv2d(64, 64, 3, cell_num_ratio=2)``);
+layers of a model that share warehouses are built from a :class:`~kernelwarehouse.core.plan.Plan`
+with ``plan=`` and ``warehouse=`` (see :mod:`kernelwarehouse.core.build`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _ntuple
+
+from .attention import KWAttention
+from .execution import assemble_weights, conv_per_sample, linear_per_sample
+from .plan import LayerPlan, LayerSpec, plan_warehouses
+from .warehouse import Warehouse
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class KWLayer(nn.Module):
+    """What every KernelWarehouse layer has: a plan, a warehouse, an attention branch, a bias."""
+
+    def __init__(self, spec: LayerSpec, bias: bool, plan: LayerPlan | None,
+                 warehouse: Warehouse | None, ratios: dict[str, Any]) -> None:
+        super().__init__()
+        if (plan is None) != (warehouse is None):
+            raise ValueError("pass both plan= and warehouse=, or neither (the layer then plans its own)")
+        if plan is None:
+            own = plan_warehouses([spec], **ratios)
+            plan = own.layers[0]
+            warehouse = Warehouse(own.warehouses[0], [plan.slots])
+        elif ratios:
+            raise ValueError(f"ratios {sorted(ratios)} are set by the plan; do not pass them with plan=")
+        if plan.spec.weight_shape != spec.weight_shape or plan.spec.in_channels != spec.in_channels:
+            raise ValueError(f"plan of layer {plan.name!r} is for weight {plan.spec.weight_shape}, "
+                             f"this layer's weight is {spec.weight_shape}")
+        if warehouse.name != plan.warehouse or warehouse.num_cells != plan.warehouse_cells:
+            raise ValueError(f"layer {plan.name!r} belongs to warehouse {plan.warehouse!r} with "
+                             f"{plan.warehouse_cells} cells, got {warehouse.name!r} with {warehouse.num_cells}")
+        self.plan = plan
+        self.grid = plan.grid
+        self.weight_shape = spec.weight_shape
+        self.warehouse = warehouse
+        self.attention = KWAttention(plan)
+        self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
+
+    def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mixture weights (B, m, n) for pooled inputs (B, C_in)."""
+        return self.attention(pooled)
+
+    def assemble(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights (B, *weight_shape) for pooled inputs (B, C_in)."""
+        return assemble_weights(self.attention(pooled), self.warehouse.weight, self.grid, self.weight_shape)
+
+    def _kw_repr(self) -> str:
+        return (f"warehouse={self.plan.warehouse!r}, cells={self.plan.num_cells}, "
+                f"warehouse_cells={self.plan.warehouse_cells}")
+
+
+class _KWConvNd(KWLayer):
+    dims: int = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, plan: LayerPlan | None = None,
+                 warehouse: Warehouse | None = None, key: str = "conv", **ratios: Any) -> None:
+        ntuple = _ntuple(self.dims)
+        kernel = tuple(ntuple(kernel_size))
+        spec = LayerSpec(plan.name if plan else "conv", key, in_channels, out_channels, kernel, groups)
+        super().__init__(spec, bias, plan, warehouse, ratios)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = kernel, tuple(ntuple(stride)), tuple(ntuple(dilation))
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = tuple(ntuple(padding))
+        self._pad = self._explicit_padding() if padding_mode != "zeros" else None
+
+    def _explicit_padding(self) -> tuple[int, ...]:
+        """F.pad's (last dim first, left/right) amounts for a non-zero padding mode."""
+        pads = []
+        for d, k, p in zip(self.dilation, self.kernel_size,
+                           self.padding if isinstance(self.padding, tuple) else [None] * self.dims):
+            if self.padding == "valid":
+                left = right = 0
+            elif self.padding == "same":
+                total = d * (k - 1)
+                left, right = total // 2, total - total // 2
+            else:
+                left = right = p
+            pads.append((left, right))
+        return tuple(v for pair in reversed(pads) for v in pair)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dims + 2:
+            raise ValueError(f"{type(self).__name__} expects a batched {self.dims + 2}-d input "
+                             f"(B, C, ...), got shape {tuple(x.shape)}")
+        weight = self.assemble(x.flatten(2).mean(dim=-1))
+        padding = self.padding
+        if self._pad is not None:
+            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
+        return conv_per_sample(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return f"{s}, bias={self.bias is not None}, {self._kw_repr()}"
+
+
+class KWConv1d(_KWConvNd):
+    """KernelWarehouse drop-in for :class:`torch.nn.Conv1d`."""
+
+    dims = 1
+
+
+class KWConv2d(_KWConvNd):
+    """KernelWarehouse drop-in for :class:`torch.nn.Conv2d`."""
+
+    dims = 2
+
+
+class KWConv3d(_KWConvNd):
+    """KernelWarehouse drop-in for :class:`torch.nn.Conv3d`."""
+
+    dims = 3
+
+
+class KWLinear(KWLayer):
+    """KernelWarehouse drop-in for :class:`torch.nn.Linear`.
+
+    Treated as a 1-d convolution of kernel 1 over the token axis: an input (B, *tokens, C_in) gets
+    one weight per sample, its attention pooling over all tokens.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 plan: LayerPlan | None = None, warehouse: Warehouse | None = None,
+                 key: str = "linear", **ratios: Any) -> None:
+        spec = LayerSpec(plan.name if plan else "linear", key, in_features, out_features, (1,))
+        super().__init__(spec, bias, plan, warehouse, ratios)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        unbatched = x.dim() == 1
+        tokens = x.reshape(1 if unbatched else x.shape[0], -1, self.in_features)
+        weight = self.assemble(tokens.mean(dim=1)).squeeze(-1)
+        out = linear_per_sample(tokens, weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._kw_repr()}")

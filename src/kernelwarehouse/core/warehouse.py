@@ -1,0 +1,44 @@
+"""The warehouse: n kernel cells that every layer of one sharing group mixes its cells from."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .plan import WarehousePlan
+
+
+class Warehouse(nn.Module):
+    """Holds ``weight`` of shape (n, c_out, c_in, *cell_kernel).
+
+    One instance is a submodule of every layer that draws from it, so moving, copying or
+    pickling any part of a model keeps the sharing; ``model.parameters()`` lists it once.
+    """
+
+    def __init__(self, plan: WarehousePlan, owned: Iterable[tuple[int, int]] = ()) -> None:
+        super().__init__()
+        self.plan = plan
+        self.name = plan.name
+        self.weight = nn.Parameter(torch.empty(plan.num_cells, *plan.cell_shape))
+        self.owned = tuple(owned) or ((0, plan.num_cells),)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal (fan_out, relu) init of each layer's owned slots, as one stacked kernel."""
+        with torch.no_grad():
+            for start, stop in self.owned:
+                cells = self.weight[start:stop]
+                nn.init.kaiming_normal_(cells.view(-1, *cells.shape[2:]), mode="fan_out",
+                                        nonlinearity="relu")
+
+    @property
+    def num_cells(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def cell_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, cells={self.num_cells}, cell_shape={'x'.join(map(str, self.cell_shape))}"

@@ -1,0 +1,9 @@
+"""The paper's models: static ResNet, MobileNetV2 and ConvNeXt and their KernelWarehouse versions."""
+from . import zoo  # noqa: F401  (registers the models)
+from .convnext import ConvNeXt
+from .mobilenetv2 import MobileNetV2
+from .registry import create_model, format_budget, list_models, model_entry, parse_budget
+from .resnet import ResNet
+
+__all__ = ["ConvNeXt", "MobileNetV2", "ResNet", "create_model", "format_budget", "list_models",
+           "model_entry", "parse_budget"]
