@@ -3,12 +3,12 @@ from .attention import KWAttention
 from .build import apply_plan, build_kernelwarehouse, kw_layers, layer_spec, plan_model, plan_of
 from .layers import KWConv1d, KWConv2d, KWConv3d, KWLayer, KWLinear
 from .plan import LayerPlan, LayerSpec, Plan, WarehouseConfig, WarehousePlan, fuse_name, plan_warehouses
-from .temperature import get_temperature, linear_temperature, set_temperature
+from .temperature import TemperatureSchedule, get_temperature, linear_temperature, set_temperature
 from .warehouse import Warehouse
 
 __all__ = [
     "KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLayer", "KWLinear", "LayerPlan", "LayerSpec",
-    "Plan", "Warehouse", "WarehouseConfig", "WarehousePlan", "apply_plan", "build_kernelwarehouse",
+    "Plan", "TemperatureSchedule", "Warehouse", "WarehouseConfig", "WarehousePlan", "apply_plan", "build_kernelwarehouse",
     "fuse_name", "get_temperature", "kw_layers", "layer_spec", "linear_temperature", "plan_model",
     "plan_of", "plan_warehouses", "set_temperature",
 ]

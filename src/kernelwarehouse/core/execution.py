@@ -45,3 +45,14 @@ def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """x (B, T, C_in) with weight (B, C_out, C_in) -> (B, T, C_out)."""
     out = torch.bmm(x, weight.transpose(1, 2))
     return out if bias is None else out + bias
+
+
+def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of assembly for one weight: (*weight_shape) -> (m, c_out, c_in, *k_cell)."""
+    dims = len(cell_shape) - 2
+    spatial, out_blocks, in_blocks = grid
+    c_out, c_in = cell_shape[:2]
+    # (out, c_out, in, c_in, spatial, *k) -> (spatial, out, in, c_out, c_in, *k)
+    cells = weight.reshape(out_blocks, c_out, in_blocks, c_in, spatial, *cell_shape[2:])
+    cells = cells.permute(4, 0, 2, 1, 3, *range(5, 5 + dims))
+    return cells.reshape(spatial * out_blocks * in_blocks, *cell_shape)
