@@ -60,7 +60,7 @@ class KWAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         for fc in (self.fc1, self.fc2, getattr(self, "fc3", None)):
-            if fc is not None:
+            if fc is not None and fc.weight.numel():
                 nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
                 if fc.bias is not None:
                     nn.init.zeros_(fc.bias)

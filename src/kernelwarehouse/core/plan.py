@@ -295,9 +295,9 @@ def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseCo
     plans = []
     for m, grid, (slots, beta) in zip(members, grids, assignments):
         hidden = max(int(m.in_channels * cfg.reduction), cfg.min_hidden)
-        num_basis = 0
-        if cfg.nonlocal_basis_ratio < 1:
-            num_basis = max(int((n - (slots[1] - slots[0])) * cfg.nonlocal_basis_ratio), 16)
+        num_basis, num_nonlocal = 0, n - (slots[1] - slots[0])
+        if cfg.nonlocal_basis_ratio < 1 and num_nonlocal > 0:
+            num_basis = max(int(num_nonlocal * cfg.nonlocal_basis_ratio), 16)
         plans.append(LayerPlan(m, wname, n, grid, slots, beta, hidden, num_basis, cfg))
     wplan = WarehousePlan(wname, index, (c_out, c_in, *cell_k), n, cfg, tuple(m.name for m in members))
     return wplan, plans
