@@ -4,7 +4,6 @@ import torch
 
 import kernelwarehouse as kw
 from conftest import SHARED
-from kernelwarehouse.compat import load_reference_state_dict, model_from_reference_config
 
 FIXTURES = SHARED / "fixtures" / "official"
 NAMES = ["kw1x_mobilenetv2_050.pt", "kw1d4x_resnet18.pt"]
@@ -20,8 +19,8 @@ def load_fixture(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_logits_are_reproduced_in_float64(name):
     fixture = load_fixture(name)
-    model = model_from_reference_config(fixture["config"])
-    report = load_reference_state_dict(model, fixture["state_dict"])
+    model = kw.model_from_reference_config(fixture["config"])
+    report = kw.load_reference_state_dict(model, fixture["state_dict"])
     assert report.ok and not report.unexpected
     model = model.double().eval()
     for tau, expected in fixture["logits"].items():
@@ -34,7 +33,7 @@ def test_fixture_logits_are_reproduced_in_float64(name):
 
 def test_fixture_models_match_the_stored_shapes():
     fixture = load_fixture("kw1d4x_resnet18.pt")
-    model = model_from_reference_config(fixture["config"])
+    model = kw.model_from_reference_config(fixture["config"])
     warehouses = [tuple(shape) for key, shape in fixture["keys"] if key.startswith("warehouse_manager")]
     assert warehouses == [(w.num_cells, *w.cell_shape) for w in kw.plan_of(model).warehouses]
 
@@ -44,11 +43,11 @@ def test_mapping_reports_what_did_not_map():
     state = dict(fixture["state_dict"])
     state["extra.weight"] = torch.zeros(3)
     del state["layer2.1.conv1.attention.fc2.bias"]
-    model = model_from_reference_config(fixture["config"])
+    model = kw.model_from_reference_config(fixture["config"])
     with pytest.raises(KeyError, match=r"missing \(1\): layer2.1.conv1.attention.fc2.bias; unexpected \(1\): extra.weight"):
-        load_reference_state_dict(model, state)
-    report = load_reference_state_dict(model, state, strict=False)
+        kw.load_reference_state_dict(model, state)
+    report = kw.load_reference_state_dict(model, state, strict=False)
     assert report.missing == ["layer2.1.conv1.attention.fc2.bias"] and report.unexpected == ["extra.weight"]
     state["warehouse_manager.weights.0"] = torch.zeros(5, 2)
-    report = load_reference_state_dict(model, state, strict=False)
+    report = kw.load_reference_state_dict(model, state, strict=False)
     assert report.mismatched and "warehouse_manager.weights.0" in report.mismatched[0]

@@ -5,6 +5,7 @@ from .core import __all__ as _core_all
 __version__ = "0.1.0"
 __all__ = list(_core_all)
 
+from .compat import load_reference_state_dict, model_from_reference_config  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 
-__all__ += ["create_model", "list_models"]
+__all__ += ["create_model", "list_models", "load_reference_state_dict", "model_from_reference_config"]
