@@ -117,7 +117,7 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
         linear: also convert ``nn.Linear``. None: the Linear layers repeated across blocks, when they
             hold more weights than the convolutions (transformers, ConvNeXt); True: every Linear.
         example_input: the probe input the stages are read from (default: one 224x224 image).
-        max_attention: the share of a warehouse's static weights its attention may spend on mixing.
+        max_attention: the share of a warehouse's static weights its layers' attention may take.
         **ratios: further warehouse options (``cell_inplane_ratio``, ``reduction``, ...), one value
             or a mapping from warehouse name to value.
     """
@@ -467,14 +467,6 @@ def _pack(members: list[LayerSpec], forced: set[str], ratios: dict[str, Any], ma
             else:
                 groups.append((reduction, [spec]))
     return groups
-
-
-def conversion_summary(model: nn.Module) -> str:
-    """A one-line count of a model's KernelWarehouse layers, warehouses and parameters."""
-    layers = kw_layers(model)
-    warehouses = {id(layer.warehouse) for _, layer in layers}
-    params = sum(p.numel() for p in model.parameters())
-    return f"{len(layers)} KernelWarehouse layers, {len(warehouses)} warehouses, {params:,} parameters"
 
 
 __all__ = ["Conversion", "convert", "load_static_weights", "plan_conversion"]
