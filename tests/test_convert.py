@@ -1,6 +1,7 @@
 """kw.convert on models we did not write: warm start, parameter bound, grouping, bad input."""
 import copy
 import math
+import pathlib
 import re
 import warnings
 
@@ -261,3 +262,11 @@ def test_no_silent_noop_on_already_converted_model():
     assert {n.split(".")[0] for n, _ in kw.kw_layers(model)} == {"layer1", "layer2"}
     with pytest.raises(ValueError, match="matches no convertible layer"):
         kw.convert(model, include="layer1")
+
+
+def test_readme_example_runs(capsys):
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use it in your model"):]
+    code = section[section.index("```python") + len("```python"):]
+    exec(compile(code[:code.index("```")], "README.md", "exec"), {})
+    assert "warehouse" in capsys.readouterr().out

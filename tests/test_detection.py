@@ -59,3 +59,13 @@ def test_backbone_levels():
     assert all(v.shape[1] == backbone.out_channels == 256 for v in levels.values())
     with pytest.raises(ValueError, match="returned_layers"):
         kw.detection.kw_resnet50_fpn_backbone(returned_layers=(0, 5))
+
+
+def test_maskrcnn_kw_resnet50_fpn_evaluates():
+    torch.manual_seed(0)
+    model = kw.detection.maskrcnn_kw_resnet50_fpn(num_classes=2, budget="1/2", min_size=64, max_size=64).eval()
+    with torch.no_grad():
+        (detections,) = model([torch.rand(3, 64, 64)])
+    assert set(detections) == {"boxes", "labels", "scores", "masks"}
+    assert detections["masks"].shape[1:] == (1, 64, 64)
+    assert isinstance(model.backbone.body.layer4[0].conv2, kw.KWConv2d)
