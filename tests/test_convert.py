@@ -253,6 +253,13 @@ def test_nothing_to_convert():
         kw.convert(torchvision.models.resnet18(), cell_num_ratio=2)
 
 
+def test_layer_no_cell_fits_is_reported():
+    model = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.Conv2d(128, 75, 3, padding=1))
+    with pytest.warns(UserWarning, match=r"stay static because no cell .* 1 \(cannot be cut"):
+        kw.convert(model, cell_outplane_ratio=0.5, example_input=torch.randn(1, 64, 8, 8))
+    assert [n for n, _ in kw.kw_layers(model)] == ["0"]
+
+
 def test_no_silent_noop_on_already_converted_model():
     model = torchvision.models.resnet18()
     kw.convert(model, include="layer1")

@@ -38,6 +38,7 @@ SHARING = ("stage", "kind", "layer", "model")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PROBE_SIZE = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
 MAX_ATTENTION = 0.25
+CANNOT_CUT = "cannot be cut into cells"
 REDUCTION = 1 / 16  # the paper's attention reduction, halved where a layer needs it
 
 Sharing = str | Callable[[str], str | None]
@@ -240,6 +241,10 @@ def _plan(model: nn.Module, budget: Any, include, exclude, sharing: Sharing, nor
     if not keys:
         raise ValueError("nothing to convert: every candidate layer would stay static: "
                          + "; ".join(f"{n}: {r}" for n, r in skipped[:5]))
+    unplaceable = [f"{n} ({r})" for n, r in skipped if r.startswith(CANNOT_CUT)]
+    if unplaceable:
+        warnings.warn(f"{len(unplaceable)} layer(s) stay static because no cell of the given ratios fits "
+                      f"them: {'; '.join(unplaceable)}", stacklevel=3)
 
     names = [n for n in candidates if n in keys]  # module order
     if "reduction" not in ratios:
@@ -422,7 +427,7 @@ def _cost(specs: Sequence[LayerSpec], ratios: dict[str, Any]) -> tuple[float, fl
 def _costly(specs: Sequence[LayerSpec], ratios: dict[str, Any]) -> str:
     attention, _, error = _cost(specs, ratios)
     if error:
-        return f"cannot be cut into cells: {error}"
+        return f"{CANNOT_CUT}: {error}"
     return (f"its attention ({attention:,} parameters) would cost {attention / _weights(specs):.0%} "
             f"of its weights")
 
