@@ -5,10 +5,12 @@ puts KernelWarehouse layers (Li & Yao, ICML 2024) in their places under the same
 Grouping follows the paper (Sec. 3.2): neighbouring layers of one stage -- consecutive layers
 between resolution changes, found by running the model once on a probe input -- share a
 warehouse. Within a stage, layers are packed into warehouses so that the attention stays small:
-a layer's attention has a part that grows with the warehouse (its second linear has
-m * (n + 1) outputs, quadratic in cells over a warehouse), and a warehouse only takes a layer
-while that part stays below ``max_attention`` of the warehouse's static weights. Layers whose
-attention alone would exceed that share (a 3-channel stem, a squeeze-excitation conv, a depthwise
+a layer's attention has a fixed part (its first linear) and a part that grows with the warehouse
+(its second linear has m * (n + 1) outputs, quadratic in cells over a warehouse of small cells).
+A layer joins the warehouse whose attention grows least, as long as that warehouse's attention
+stays within ``max_attention`` of its static weights, and otherwise opens a new one with the
+widest attention (reduction 1/16, 1/32, ...) that leaves room for sharing. Layers whose attention
+alone would exceed that share (a 3-channel stem, a thin squeeze-excitation conv, a depthwise
 conv) stay static, unless named by ``include``.
 
 With ``warm_start=True`` the static weights are written into the warehouse slots that the
