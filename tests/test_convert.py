@@ -186,8 +186,32 @@ def test_conv1d_and_conv3d_models_and_probe_input():
 def test_modes_of_submodules_survive_the_probe():
     model = torchvision.models.resnet18().train()
     model.layer1[0].bn1.eval()
+    model.layer4.eval()
     kw.convert(model)
     assert model.training and not model.layer1[0].bn1.training and model.layer2.training
+    assert model.layer3[0].conv1.training and model.layer3[0].conv1.attention.norm.training
+    assert not model.layer4[0].conv1.training and not model.layer4[0].conv1.attention.norm.training
+
+
+def test_eval_model_stays_in_eval():
+    model = torchvision.models.resnet18().eval()
+    kw.convert(model, warm_start=True)
+    assert not any(m.training for m in model.modules())
+    model(torch.randn(1, 3, 32, 32))                                  # batch of 1: attention BN in eval
+
+
+def test_torchvision_vit_mlp_linears_are_found():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                                 hidden_dim=128, mlp_dim=512, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)                          # torchvision starts it at zero
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    conversion = kw.plan_conversion(model, example_input=x)
+    assert {p.name for p in conversion.plan.layers} == {
+        f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(3) for j in (0, 3)}
+    assert any("NonDynamicallyQuantizableLinear" in reason for _, reason in conversion.skipped)
+    kw.convert(model, warm_start=True, example_input=x)
+    assert rel_err(model(x), expected) < 1e-4
 
 
 def test_unrunnable_model_falls_back_with_a_warning():

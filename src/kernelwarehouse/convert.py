@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -127,6 +128,8 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
     conversion, originals = _plan(model, budget, include, exclude, sharing, norm, linear,
                                   example_input, max_attention, ratios)
     apply_plan(model, conversion.plan)
+    for name, static in originals.items():  # a new layer trains or evaluates as the one it replaces
+        model.get_submodule(name).train(static.training)
     if verbose:
         print(conversion)
     if warm_start:
@@ -317,8 +320,9 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], what: str
 
 
 def _kind(name: str) -> str:
-    """The module path without its block indices: ``blocks.3.attn.qkv`` -> ``blocks.attn.qkv``."""
-    return ".".join(part for part in name.split(".") if not part.isdigit()) or name
+    """The module path without its block indices: ``blocks.3.attn.qkv`` -> ``blocks.attn.qkv``,
+    ``layers.encoder_layer_11.mlp.0`` -> ``layers.encoder_layer.mlp``."""
+    return ".".join(re.sub(r"_\d+$", "", part) for part in name.split(".") if not part.isdigit()) or name
 
 
 # ---------------------------------------------------------------------------------------------
