@@ -293,6 +293,11 @@ def test_no_silent_noop_on_already_converted_model():
     assert {n.split(".")[0] for n, _ in kw.kw_layers(model)} == {"layer1", "layer2"}
     with pytest.raises(ValueError, match="matches no convertible layer"):
         kw.convert(model, include="layer1")
+    kw.convert(model, include="layer3.0")
+    kw.convert(model, include="layer3.1")                               # same stage, its own warehouse
+    plan = kw.plan_of(model)
+    assert len(plan.warehouses) == 4 and len({w.name for w in plan.warehouses}) == 4
+    assert model.layer3[0].conv1.warehouse is not model.layer3[1].conv1.warehouse
 
 
 def test_readme_example_runs(capsys):

@@ -233,6 +233,7 @@ def _plan(model: nn.Module, budget: Any, include, exclude, sharing: Sharing, nor
             skipped.append((name, "left static by the sharing function" if callable(sharing)
                             else "not reached when running the model"))
     keys, reductions = {}, {}
+    taken = {layer.warehouse.name for _, layer in kw_layers(model)}  # from an earlier conversion
     for label in dict.fromkeys(labels[n] for n in order if labels.get(n) is not None):
         members = [specs[n] for n in order if labels.get(n) == label]
         if sharing == "layer":  # one warehouse each: pack every layer on its own
@@ -241,6 +242,7 @@ def _plan(model: nn.Module, budget: Any, include, exclude, sharing: Sharing, nor
             groups = _pack(members, forced, pack_ratios, max_attention, skipped)
         for index, (reduction, group) in enumerate(groups):
             key = label if len(groups) == 1 else f"{label}_{index + 1}"
+            key = next(k for k in (key, *(f"{key}_{j}" for j in range(2, len(taken) + 2))) if k not in taken)
             reductions[key] = reduction
             keys.update({spec.name: key for spec in group})
     if not keys:
