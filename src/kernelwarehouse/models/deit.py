@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.build import build_kernelwarehouse
+from ..core.plan import RATIO_NAMES
 from ._blocks import DropPath
 from .registry import ModelEntry, register
 
@@ -131,14 +132,12 @@ def deit_warehouse_keys(model: VisionTransformer) -> dict[str, str]:
 
 def _kw_deit(static):
     def build(budget: Fraction = Fraction(1), num_classes: int = 1000, **overrides) -> VisionTransformer:
-        options = {k: overrides.pop(k) for k in list(overrides)
-                   if k in ("cell_inplane_ratio", "cell_outplane_ratio", "reduction", "norm",
-                            "nonlocal_basis_ratio", "spatial_partition", "min_hidden")}
+        options = {k: overrides.pop(k) for k in list(overrides) if k in RATIO_NAMES}
         model = static(num_classes=num_classes, **overrides)
         # cells of dim x dim: qkv (3 dim x dim) and fc1 (4 dim x dim) cut their outputs, fc2 its inputs
-        options = {"cell_outplane_ratio": {"qkv": 1 / 3, "fc1": 1 / 4}, "cell_inplane_ratio": {"fc2": 1 / 4},
-                   "norm": "layer", **options}
-        return build_kernelwarehouse(model, deit_warehouse_keys(model), cell_num_ratio=float(budget), **options)
+        options = {"cell_num_ratio": float(budget), "cell_outplane_ratio": {"qkv": 1 / 3, "fc1": 1 / 4},
+                   "cell_inplane_ratio": {"fc2": 1 / 4}, "norm": "layer", **options}
+        return build_kernelwarehouse(model, deit_warehouse_keys(model), **options)
     return build
 
 
