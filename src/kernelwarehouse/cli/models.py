@@ -11,6 +11,8 @@ def model_table() -> list[dict]:
     rows = []
     for name in list_models():
         entry = model_entry(name)
+        if not (entry.paper or entry.reference_params):  # not one of the paper's tables
+            continue
         for budget in entry.budgets:
             model = create_model(name, budget=budget)
             params = sum(p.numel() for p in model.parameters())
@@ -18,8 +20,7 @@ def model_table() -> list[dict]:
             reference = entry.reference_params.get(budget)
             rows.append({"model": name, "budget": format_budget(budget), "params": params,
                          "paper_params_m": paper_m, "reference_params": reference,
-                         "matches_reference": None if reference is None else params == reference,
-                         "paper_top1": top1})
+                         "matches_reference": params == reference, "paper_top1": top1})
     return rows
 
 
@@ -32,12 +33,10 @@ def run(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
-        mark = {True: "=", False: "!", None: " "}[r["matches_reference"]]
+        mark = "=" if r["matches_reference"] else "!"
         top1 = f"{r['paper_top1']:.2f}" if r["paper_top1"] else "-"
-        paper = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] else "-"
-        reference = f"{r['reference_params']:,}" if r["reference_params"] else "-"
         print(f"{r['model']:<20} {r['budget']:>7} {r['params']:>12,} {r['params'] / 1e6:>7.2f} "
-              f"{paper:>9} {reference:>11}{mark} {top1:>6}")
+              f"{r['paper_params_m']:>9.2f} {r['reference_params']:>11,}{mark} {top1:>6}")
     print("\n'=' our count equals the reference implementation's exactly; top-1: the paper's ImageNet result")
     return 0
 

@@ -144,8 +144,6 @@ def _kw_deit(static):
 kw_deit_tiny = _kw_deit(deit_tiny)
 kw_deit_small = _kw_deit(deit_small)
 
-BUDGETS = {Fraction(1): (None, None), Fraction(4): (None, None)}  # listed budgets; no published counts
-
 for _name, _builder in (("deit_tiny", deit_tiny), ("deit_small", deit_small),
                         ("kw_deit_tiny", kw_deit_tiny), ("kw_deit_small", kw_deit_small)):
-    register(ModelEntry(_name, _builder, _name.startswith("kw_"), BUDGETS if _name.startswith("kw_") else {}))
+    register(ModelEntry(_name, _builder, _name.startswith("kw_")))
