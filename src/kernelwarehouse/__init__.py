@@ -4,6 +4,9 @@ from .core import __all__ as _core_all
 
 __version__ = "0.1.0"
 __all__ = list(_core_all)
+from . import detection  # noqa: E402
+from .convert import Conversion, convert, load_static_weights, plan_conversion  # noqa: E402
+__all__ += ["Conversion", "convert", "detection", "load_static_weights", "plan_conversion"]
 
 from .compat import load_reference_state_dict, model_from_reference_config  # noqa: E402
 from .models import create_model, list_models  # noqa: E402

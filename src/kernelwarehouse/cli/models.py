@@ -11,6 +11,8 @@ def model_table() -> list[dict]:
     rows = []
     for name in list_models():
         entry = model_entry(name)
+        if not (entry.paper or entry.reference_params):  # not one of the paper's tables
+            continue
         for budget in entry.budgets:
             model = create_model(name, budget=budget)
             params = sum(p.numel() for p in model.parameters())

@@ -133,12 +133,15 @@ class LayerPlan:
         cfg, c_in, h = self.config, self.spec.in_channels, self.hidden
         fc1 = c_in * h + (0 if cfg.norm == "batch" else h)
         norm = 0 if cfg.norm == "none" else 2 * h
-        fc2 = h * self.attention_outputs
+        return fc1 + norm + self.mixing_parameters
+
+    @property
+    def mixing_parameters(self) -> int:
+        """The attention parameters that grow with the warehouse: the second linear (and basis)."""
+        fc2 = self.hidden * self.attention_outputs
         if self.num_basis:
-            fc2 += self.num_basis * self.num_nonlocal + self.num_cells * (self.warehouse_cells + 1)
-        else:
-            fc2 += self.attention_outputs
-        return fc1 + norm + fc2
+            return fc2 + self.num_basis * self.num_nonlocal + self.num_cells * (self.warehouse_cells + 1)
+        return fc2 + self.attention_outputs
 
 
 @dataclass(frozen=True)
