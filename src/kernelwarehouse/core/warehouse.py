@@ -28,6 +28,8 @@ class Warehouse(nn.Module):
         """Kaiming-normal (fan_out, relu) init of each layer's owned slots, as one stacked kernel."""
         with torch.no_grad():
             for start, stop in self.owned:
+                if stop == start:
+                    continue
                 cells = self.weight[start:stop]
                 nn.init.kaiming_normal_(cells.view(-1, *cells.shape[2:]), mode="fan_out",
                                         nonlinearity="relu")

@@ -81,12 +81,11 @@ class ResNet(nn.Module):
         self.in_ch = widths[0]
         if small_input:
             self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
         total, done = sum(layers), 0
         for i, (width, blocks) in enumerate(zip(widths, layers)):
             rates = [drop_path_rate * (done + j) / max(total - 1, 1) for j in range(blocks)]
