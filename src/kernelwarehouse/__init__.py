@@ -8,3 +8,7 @@ __all__ = list(_core_all)
 from .models import create_model, list_models  # noqa: E402
 
 __all__ += ["create_model", "list_models"]
+
+from .train import Trainer, TrainConfig  # noqa: E402
+
+__all__ += ["Trainer", "TrainConfig"]
