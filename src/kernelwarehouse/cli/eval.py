@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from ..models.registry import format_budget, parse_budget
 from ..train.checkpoint import load_checkpoint
-from ..train.data import EpochBatches, load_data
+from ..train.data import DataInfo, EpochBatches, load_data
 from ..train.evaluate import count_macs, count_parameters, evaluate
 from ..train.trainer import TrainConfig, build_model, resolve_device
 from . import CommandError
@@ -19,8 +19,7 @@ def load_trained(checkpoint: str, ema: bool = False) -> tuple[torch.nn.Module, T
     """The model of a training checkpoint with its trained weights (EMA weights with ``ema``)."""
     state = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(state["config"])
-    _, _, info = load_data(config.data, config.image_size, config.limit_train, config.limit_val)
-    model = build_model(config, info)
+    model = build_model(config, DataInfo(**state["data_info"]))
     if ema:
         if not state.get("ema"):
             raise CommandError(f"checkpoint {checkpoint!r} holds no EMA weights (trained without --ema)")
@@ -34,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     model, config, state = load_trained(args.checkpoint, args.ema)
     data = args.data or config.data
     _, val, info = load_data(data, config.image_size, limit_val=args.limit_val)
-    trained = state.get("data_info", {})
-    if trained and (info.num_classes, info.in_chans) != (trained["num_classes"], trained["in_chans"]):
+    trained = state["data_info"]
+    if (info.num_classes, info.in_chans) != (trained["num_classes"], trained["in_chans"]):
         raise CommandError(f"{data!r} has {info.num_classes} classes and {info.in_chans} channels; the checkpoint "
                            f"was trained on {trained['num_classes']} classes and {trained['in_chans']} channels")
     device = resolve_device(args.device)

@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise ValueError(f"checkpoint {str(path)!r} has format version {state.get('version')}, "
                          f"this kw reads version {VERSION}")
-    missing = [k for k in ("config", "model", "epoch", "step") if k not in state]
+    missing = [k for k in ("config", "model", "epoch", "step", "data_info") if k not in state]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}")
     return state

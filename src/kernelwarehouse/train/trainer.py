@@ -237,6 +237,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step_log: list[dict[str, Any]] = []
         if self.env.world_size > 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -361,6 +363,12 @@ class Trainer:
     def step_in_epoch(self) -> int:
         return self.step - self.epoch * self.steps_per_epoch
 
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward."""
+        if self.env.world_size > 1:
+            for buffer in _unwrap(self.model).buffers():
+                dist.broadcast(buffer, 0)
+
     def ranks_agree(self) -> bool:
         """Whether every process holds the same weights (a checksum of all parameters and buffers)."""
         if self.env.world_size == 1:
@@ -389,8 +397,10 @@ class Trainer:
             row: dict[str, Any] = {"epoch": epoch + 1}
             row.update(self.train_one_epoch(epoch))
             train_time = time.perf_counter() - start
+            self._sync_buffers()
             val_loader = self._loader(self.val_set, epoch, train=False)
-            row.update({f"val_{k}": v for k, v in evaluate(self.model, val_loader, self.device, self.amp).items()})
+            model = _unwrap(self.model)  # shards may differ in batch count: no collectives in forward
+            row.update({f"val_{k}": v for k, v in evaluate(model, val_loader, self.device, self.amp).items()})
             if self.ema is not None:
                 ema = evaluate(self.ema.module, val_loader, self.device, self.amp)
                 row.update({f"ema_{k}": v for k, v in ema.items()})
