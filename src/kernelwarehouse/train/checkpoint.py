@@ -101,7 +101,3 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def budget_text(budget: Any) -> str | None:
-    """A budget as the string it is stored under (``"1/2"``), None for the model default."""
-    return None if budget is None else str(parse_budget(budget))

@@ -202,8 +202,10 @@ class Trainer:
                  log: Callable[[str], None] | None = print, progress: bool | None = None) -> None:
         self.config = config
         self.env = DistEnv.from_environment()
-        self.log = log if self.env.is_main and log is not None else (lambda message: None)
         self.progress = self.env.is_main and (sys.stderr.isatty() if progress is None else progress)
+        if self.progress and log is print:
+            log = _progress_safe_print
+        self.log = log if self.env.is_main and log is not None else (lambda message: None)
         state = load_checkpoint(resume) if resume is not None else None
         if state is not None:
             differences = config_differences(state["config"], asdict(config))
@@ -455,6 +457,16 @@ def _progress(iterable, enabled: bool, description: str, leave: bool = True):
     except ImportError:
         return iterable
     return tqdm(iterable, desc=description, leave=leave, dynamic_ncols=True)
+
+
+def _progress_safe_print(message: str) -> None:
+    """Print a line without breaking the progress bars."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(message)
+    else:
+        tqdm.write(message)
 
 
 def _tensorboard(path: Path, step: int):
