@@ -77,6 +77,13 @@ def test_batch_size_one_is_refused_up_front(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_last_batch_of_one_sample_is_dropped_not_fatal(tmp_path):
+    # 17 samples in batches of 16 would end with a single sample, which BatchNorm cannot train on
+    trainer = Trainer(tiny_config(tmp_path, limit_train=17, epochs=1), log=None)
+    trainer.fit()
+    assert trainer.steps_per_epoch == 1 and trainer.step == 1
+
+
 def test_ema_averages_each_shared_parameter_once():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     model.add_module("shared", model[0])  # the same module twice, as warehouses are
