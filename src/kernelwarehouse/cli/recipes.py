@@ -1,0 +1,33 @@
+"""``kw recipes``: the named training recipes (the paper's ImageNet recipes and the demo's)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..train.recipes import RECIPES
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({name: {"description": r.description, **r.options()} for name, r in RECIPES.items()},
+                         indent=2))
+        return 0
+    header = (f"{'recipe':<12} {'epochs':>6} {'batch':>6} {'opt':>6} {'lr':>7} {'wd':>7} {'sched':>7} "
+              f"{'warmup':>6} {'tau ep':>6} {'smooth':>6} {'ema':>4}")
+    print(header)
+    print("-" * len(header))
+    for r in RECIPES.values():
+        print(f"{r.name:<12} {r.epochs:>6} {r.batch_size:>6} {r.optimizer:>6} {r.lr:>7g} {r.weight_decay:>7g} "
+              f"{r.scheduler:>7} {r.warmup_epochs:>6g} {r.temp_epochs:>6g} {r.label_smoothing:>6g} "
+              f"{'yes' if r.ema else 'no':>4}")
+    print()
+    for r in RECIPES.values():
+        print(f"{r.name}: {r.description}")
+    print("\nrun one: kw train --recipe resnet --model kw_resnet18 --budget 1 --data PATH/TO/IMAGENET")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("recipes", help="list the named training recipes")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=run)
