@@ -165,3 +165,20 @@ def test_reference_fixtures_reproduce_on_every_path(path):
             with torch.no_grad(), execution_path(path):
                 out = model(data["input"].double())
             assert relative(out, logits) < 1e-6, (fixture, tau)
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_groups", "linear_tokens"])
+def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
+    import kernelwarehouse.core.execution as execution
+    torch.manual_seed(2)
+    cls, kwargs, shape = CASES[case]
+    layer = cls(**kwargs).double().train()
+    x = torch.randn(shape, dtype=torch.float64)
+    ref_out, ref_grads = run(layer, x, "reference")
+    weight_numel = torch.Size(layer.weight_shape).numel()
+    monkeypatch.setattr(execution, "CHUNK_ELEMENTS", 2 * weight_numel)   # two samples per chunk
+    assert len(execution._chunks(shape[0], weight_numel)) > 1
+    for path in ("grouped", "unfold"):
+        out, grads = run(layer, x, path)
+        assert relative(out, ref_out) < 1e-5
+        assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))

@@ -184,11 +184,22 @@ def _apply(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, path: str) 
     return _grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 
+# Samples whose assembled weights one step of the recomputing path holds at once: B |W| floats for
+# a ResNet's last stage at batch 32 would outweigh the activations saved for backward.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunks(batch: int, weight_numel: int) -> list[slice]:
+    size = max(1, min(batch, CHUNK_ELEMENTS // max(weight_numel, 1)))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
 class _RecomputedWeights(torch.autograd.Function):
     """Per-sample convolution whose backward recomputes the assembled weights.
 
-    Saves only x, the mixture weights (B, m, n) and the warehouse. With dW the gradient of the B
-    per-sample weights, split into cells (B, m, cell): d(attention) = dW cells^T and
+    Saves only x, the mixture weights (B, m, n) and the warehouse, and works through the batch in
+    chunks so that few assembled weights exist at any time. With dW the gradient of a chunk's
+    per-sample weights, split into cells (b, m, cell): d(attention) = dW cells^T and
     d(cells) = sum_b attention_b^T dW_b.
     """
 
@@ -197,32 +208,45 @@ class _RecomputedWeights(torch.autograd.Function):
                 geo: ConvGeometry, path: str) -> torch.Tensor:
         ctx.save_for_backward(x, attention, cells)
         ctx.geo = geo
-        with torch.no_grad():
-            return _apply(x, assemble_weights(attention, cells, geo.grid, geo.weight_shape), geo, path)
+        outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
+                for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, attention, cells = ctx.saved_tensors
         geo: ConvGeometry = ctx.geo
-        weight = assemble_weights(attention, cells, geo.grid, geo.weight_shape)
-        batch = x.shape[0]
-        if not geo.dims:
-            grad_x = torch.matmul(grad, weight.flatten(2)) if ctx.needs_input_grad[0] else None
-            grad_w = torch.matmul(grad.transpose(1, 2), x)
-        else:
-            flat = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                flat(grad), flat(x), weight.reshape(-1, *weight.shape[2:]), None, list(geo.stride),
-                list(geo.padding), list(geo.dilation), False, [0] * geo.dims, geo.groups * batch,
-                [ctx.needs_input_grad[0], True, False])
-            grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-        per_cell = split_into_cells(grad_w.reshape(batch, *geo.weight_shape), geo.grid, cells.shape[1:])
-        per_cell = per_cell.reshape(batch * per_cell.shape[1], -1)
         cells2d = cells.reshape(cells.shape[0], -1)
-        grad_attention = torch.matmul(per_cell, cells2d.t()).reshape(attention.shape)
-        grad_cells = torch.matmul(attention.reshape(-1, attention.shape[-1]).t(), per_cell).reshape(cells.shape)
-        return grad_x, grad_attention, grad_cells, None, None
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_attention = torch.empty_like(attention)
+        grad_cells = torch.zeros_like(cells2d)
+        for part in _chunks(x.shape[0], math.prod(geo.weight_shape)):
+            weight = assemble_weights(attention[part], cells, geo.grid, geo.weight_shape)
+            gx, gw = _weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
+            if grad_x is not None:
+                grad_x[part] = gx
+            per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
+            per_cell = per_cell.reshape(-1, cells2d.shape[1])
+            grad_attention[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
+            grad_cells.addmm_(attention[part].reshape(-1, cells.shape[0]).t(), per_cell)
+        return grad_x, grad_attention, grad_cells.reshape(cells.shape), None, None
+
+
+def _weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
+                     input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of a per-sample convolution (or linear) with respect to x and the B weights."""
+    if not geo.dims:
+        flat = weight.flatten(2)
+        grad_x = torch.matmul(grad, flat) if input_grad else None
+        return grad_x, torch.matmul(grad.transpose(1, 2), x).reshape(weight.shape)
+    batch = x.shape[0]
+    merged = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        merged(grad), merged(x), weight.reshape(-1, *weight.shape[2:]), None, list(geo.stride),
+        list(geo.padding), list(geo.dilation), False, [0] * geo.dims, geo.groups * batch,
+        [input_grad, True, False])
+    return (grad_x.reshape(x.shape) if input_grad else None), grad_w.reshape(weight.shape)
 
 
 def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
