@@ -176,7 +176,7 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
     weight_numel = torch.Size(layer.weight_shape).numel()
-    monkeypatch.setattr(execution, "CHUNK_ELEMENTS", 2 * weight_numel)   # two samples per chunk
+    monkeypatch.setattr(execution, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
     assert len(execution._chunks(shape[0], weight_numel)) > 1
     for path in ("grouped", "unfold"):
         out, grads = run(layer, x, path)
