@@ -182,3 +182,22 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
         out, grads = run(layer, x, path)
         assert relative(out, ref_out) < 1e-5
         assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix"])
+def test_autocast_bfloat16_training_step(path):
+    torch.manual_seed(3)
+    model = nn.Sequential(kw.KWConv2d(4, 8, 3, padding=1, norm="layer"), nn.ReLU(),
+                          kw.KWConv2d(8, 8, 1, norm="layer", cell_num_ratio=2)).train()
+    x = torch.randn(3, 4, 5, 5)
+    model(x).square().mean().backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16), execution_path(path):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for p, want in zip(model.parameters(), full):
+        assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
+        # bfloat16 keeps 8 bits: the direction of each gradient survives, not its digits
+        assert nn.functional.cosine_similarity(p.grad.flatten(), want.flatten(), dim=0) > 0.98

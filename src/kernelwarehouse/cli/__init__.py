@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("models",)
+SUBCOMMANDS = ("models", "bench")
 
 
 class CommandError(Exception):

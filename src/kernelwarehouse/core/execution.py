@@ -135,7 +135,7 @@ def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
 
 
 def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+    return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
 
 
 def _exporting() -> bool:
@@ -210,12 +210,15 @@ class _RecomputedWeights(torch.autograd.Function):
         ctx.geo = geo
         outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
                 for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
+        ctx.dtype = outs[0].dtype  # under autocast, what the products ran in; backward runs in it too
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, attention, cells = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, attention, cells = (t.to(ctx.dtype) for t in saved)
+        grad = grad.to(ctx.dtype)
         geo: ConvGeometry = ctx.geo
         cells2d = cells.reshape(cells.shape[0], -1)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
@@ -230,7 +233,8 @@ class _RecomputedWeights(torch.autograd.Function):
             per_cell = per_cell.reshape(-1, cells2d.shape[1])
             grad_attention[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
             grad_cells.addmm_(attention[part].reshape(-1, cells.shape[0]).t(), per_cell)
-        return grad_x, grad_attention, grad_cells.reshape(cells.shape), None, None
+        grads = (grad_x, grad_attention, grad_cells.reshape(cells.shape))
+        return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None)
 
 
 def _weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
@@ -321,7 +325,7 @@ def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias:
         else:
             out = _apply(x, assemble_weights(attention, cells, geo.grid, geo.weight_shape), geo, path)
     if not geo.dims:
-        return out if bias is None else out + bias
+        return out if bias is None else out + bias.to(out.dtype)
     return _add_bias(out, bias)
 
 
