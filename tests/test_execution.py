@@ -200,4 +200,4 @@ def test_autocast_bfloat16_training_step(path):
     for p, want in zip(model.parameters(), full):
         assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
         # bfloat16 keeps 8 bits: the direction of each gradient survives, not its digits
-        assert nn.functional.cosine_similarity(p.grad.flatten(), want.flatten(), dim=0) > 0.98
+        assert nn.functional.cosine_similarity(p.grad.flatten(), want.flatten(), dim=0) > 0.9
