@@ -15,14 +15,14 @@ function along one of several *paths* (:data:`PATHS`), all equal up to float rou
     the input, the mixture weights and the warehouse are kept (training memory near the static
     model's), and computes the warehouse and attention gradients from the weight gradient.
 ``unfold``
-    assembled weights applied as one batched matrix product over unfolded input patches (1-d and
-    2-d): no ``groups = B`` and a graph whose batch size is free, which is what export and tracing
+    assembled weights applied as one batched matrix product over shifted input views: no ``groups = B`` and a graph whose batch size is free, which is what export and tracing
     need; on CPU also faster than the grouped convolution on small feature maps.
 ``mix`` (layers it does not apply to take ``grouped``)
     never assembles: the input patches are first mixed with the attention, then multiplied by the
     whole warehouse at once, ``out = sum_j E_j (sum_s a_sj x_s)``. It costs more multiply-adds but
     runs as one dense product; it wins where the map is small and the warehouse is not (the last
-    stages of a ResNet). Needs ``groups = 1``, 1-d or 2-d, and cells of kernel size 1.
+    stages of a ResNet). Needs ``groups = 1`` and cells of kernel size 1. In training its backward
+    recomputes the mixed patches (activation checkpointing) rather than keeping them.
 
 ``auto`` (the default) picks per call: ``unfold`` under tracing or ONNX export, and otherwise the
 fastest by :func:`choose_path`, with ``unfold`` for ``grouped`` under ``torch.compile`` (so a
@@ -37,6 +37,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PATHS = ("auto", "reference", "grouped", "unfold", "mix")
@@ -184,13 +185,15 @@ def _apply(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, path: str) 
     return _grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 
-# Samples whose assembled weights one step of the recomputing path holds at once: B |W| floats for
-# a ResNet's last stage at batch 32 would outweigh the activations saved for backward.
+# Weight elements one step of the recomputing path assembles at once (CPU; GPUs take 8 times more,
+# where fewer, larger steps pay): B |W| floats for a ResNet's last stage at batch 32 would outweigh
+# the activations saved for backward.
 CHUNK_ELEMENTS = 1 << 23
 
 
-def _chunks(batch: int, weight_numel: int) -> list[slice]:
-    size = max(1, min(batch, CHUNK_ELEMENTS // max(weight_numel, 1)))
+def _chunks(batch: int, weight_numel: int, device: torch.device | None = None) -> list[slice]:
+    limit = CHUNK_ELEMENTS * (8 if device is not None and device.type == "cuda" else 1)
+    size = max(1, min(batch, limit // max(weight_numel, 1)))
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
@@ -209,7 +212,7 @@ class _RecomputedWeights(torch.autograd.Function):
         ctx.save_for_backward(x, attention, cells)
         ctx.geo = geo
         outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
-                for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
+                for part in _chunks(x.shape[0], math.prod(geo.weight_shape), x.device)]
         ctx.dtype = outs[0].dtype  # under autocast, what the products ran in; backward runs in it too
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -224,7 +227,7 @@ class _RecomputedWeights(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_attention = torch.empty_like(attention)
         grad_cells = torch.zeros_like(cells2d)
-        for part in _chunks(x.shape[0], math.prod(geo.weight_shape)):
+        for part in _chunks(x.shape[0], math.prod(geo.weight_shape), x.device):
             weight = assemble_weights(attention[part], cells, geo.grid, geo.weight_shape)
             gx, gw = _weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
             if grad_x is not None:
@@ -311,16 +314,20 @@ def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias:
     path = path or _path
     if path == "auto":
         path = _auto_path(x, cells, geo)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or attention.requires_grad or cells.requires_grad)
+    # eager training: backward recomputes instead of keeping what the forward made
+    lean = needs_grad and not (_exporting() or torch.compiler.is_compiling())
     if path == "reference":
         weight = assemble_weights(attention, cells, geo.grid, geo.weight_shape)
         out = _apply(x, weight, geo, "grouped")
     elif path == "mix" and mix_supported(geo, cells.shape):
-        out = _mix_conv(x, attention, cells, geo)
+        if lean:
+            out = checkpoint(_mix_conv, x, attention, cells, geo, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = _mix_conv(x, attention, cells, geo)
     else:
-        if path == "mix":
-            path = "grouped"
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or attention.requires_grad or cells.requires_grad)
-        if needs_grad and not (_exporting() or torch.compiler.is_compiling()):
+        path = "grouped" if path == "mix" else path
+        if lean:
             out = _RecomputedWeights.apply(x, attention, cells, geo, path)
         else:
             out = _apply(x, assemble_weights(attention, cells, geo.grid, geo.weight_shape), geo, path)
