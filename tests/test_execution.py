@@ -201,3 +201,15 @@ def test_autocast_bfloat16_training_step(path):
         assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
         # bfloat16 keeps 8 bits: the direction of each gradient survives, not its digits
         assert nn.functional.cosine_similarity(p.grad.flatten(), want.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_per_sample_matches_a_loop_and_traces_batch_free(batch):
+    from kernelwarehouse.core.execution import conv_per_sample
+    torch.manual_seed(4)
+    x, weight, bias = torch.randn(batch, 6, 7, 7), torch.randn(batch, 4, 3, 3, 3), torch.randn(4)
+    loop = torch.cat([nn.functional.conv2d(x[b:b + 1], weight[b], bias, 2, 1, 1, 2) for b in range(batch)])
+    assert relative(conv_per_sample(x, weight, bias, (2, 2), (1, 1), (1, 1), 2), loop) < 1e-5
+    traced = torch.jit.trace(lambda a, w: conv_per_sample(a, w, bias, (2, 2), (1, 1), (1, 1), 2),
+                             (torch.randn(2, 6, 7, 7), torch.randn(2, 4, 3, 3, 3)), check_trace=False)
+    assert relative(traced(x, weight), loop) < 1e-5
