@@ -32,9 +32,11 @@ def recompile_limit_one():
     dynamo.reset()
 
 
-def test_compile_without_graph_breaks_or_recompiles(recompile_limit_one):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_without_graph_breaks_or_recompiles(recompile_limit_one, backend):
     model = _small_model().eval()
-    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    # inductor also specialises what the others leave symbolic (a grouped convolution's groups = B)
+    compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
     with torch.no_grad():
         for batch, tau in ((2, 0.5), (3, 0.5), (5, 0.2), (1, 0.0)):
             kw.set_temperature(model, tau)
@@ -42,7 +44,7 @@ def test_compile_without_graph_breaks_or_recompiles(recompile_limit_one):
             dynamo.decorators.mark_unbacked(x, 0)   # batch 1 too: no 0/1 specialisation
             expected = model(x)
             got = compiled(x)
-            assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+            assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4  # float32, fused
     # fullgraph=True raises on a graph break, the limit of 1 on any recompile
 
 
