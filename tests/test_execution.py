@@ -115,6 +115,7 @@ def test_choose_path_by_shape():
     last = ConvGeometry((9, 1, 1), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), 1)
     cells = (27, 512, 512, 1, 1)
     assert choose_path(last, cells, 16, 49) == "mix"
+    assert choose_path(last, cells, 1, 49) == "grouped"      # one sample: assembling writes little
     # the same layer on a 56x56 map assembles
     assert choose_path(last, cells, 16, 56 * 56) == "grouped"
     # pointwise: a batched matrix product, except for one sample (a plain convolution)

@@ -292,16 +292,19 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
     Per sample, assembling costs (n + L) |W| multiply-adds, most of them in a memory-bound product
     that writes B |W| weights; ``mix`` costs n L |W| / (spatial blocks * input blocks), all in one
-    dense product, and wins where L is small against n (measured on CPU: benchmarks/run.py).
+    dense product, and wins where L is small against n (measured on CPU: benchmarks/run.py). A
+    single sample writes only |W| weights: it always assembles, then runs a plain convolution.
     A pointwise convolution of a batch is one batched matrix product (``unfold``).
     """
     if not geo.dims:
         return "grouped"
     num = cells_shape[0]
     spatial, _, in_blocks = geo.grid
-    if mix_supported(geo, cells_shape) and num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size):
+    several = torch.compiler.is_compiling() or batch > 1  # compiled graphs serve every batch size
+    cheap_mix = num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
+    if several and mix_supported(geo, cells_shape) and cheap_mix:
         return "mix"
-    if math.prod(geo.weight_shape[2:]) == 1 and (torch.compiler.is_compiling() or batch > 1):
+    if several and math.prod(geo.weight_shape[2:]) == 1:
         return "unfold"
     return "grouped"
 
