@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("models", "train", "eval", "demo", "inspect", "recipes")
+SUBCOMMANDS = ("models", "train", "eval", "demo", "inspect", "recipes", "bench")
 
 
 class CommandError(Exception):

@@ -3,15 +3,69 @@
 Cells of a layer are numbered (spatial block, output block, input block); cell (s, o, i) fills
 ``W[o*c_out:(o+1)*c_out, i*c_in:(i+1)*c_in]`` at kernel position s (row-major), or the whole
 kernel when cells are not split spatially.
+
+The reference implementation of KernelWarehouse (Li & Yao, ICML 2024) assembles all B per-sample
+weights and runs one convolution with ``groups = groups * B``. :func:`kw_conv` computes the same
+function along one of several *paths* (:data:`PATHS`), all equal up to float rounding:
+
+``reference``
+    the reference scheme; autograd keeps the B assembled weights alive until backward.
+``grouped``
+    the same forward; when a gradient is needed, a custom backward recomputes the weights, so only
+    the input, the mixture weights and the warehouse are kept (training memory near the static
+    model's), and computes the warehouse and attention gradients from the weight gradient.
+``unfold``
+    assembled weights applied as one batched matrix product over shifted input views: no ``groups = B`` and a graph whose batch size is free, which is what export and tracing
+    need; on CPU also faster than the grouped convolution on small feature maps.
+``mix`` (layers it does not apply to take ``grouped``)
+    never assembles: the input patches are first mixed with the attention, then multiplied by the
+    whole warehouse at once, ``out = sum_j E_j (sum_s a_sj x_s)``. It costs more multiply-adds but
+    runs as one dense product; it wins where the map is small and the warehouse is not (the last
+    stages of a ResNet). Needs ``groups = 1`` and cells of kernel size 1. In training its backward
+    recomputes the mixed patches (activation checkpointing) rather than keeping them.
+
+``auto`` (the default) picks per call: ``unfold`` under tracing or ONNX export, and otherwise the
+fastest by :func:`choose_path`, with ``unfold`` for ``grouped`` under ``torch.compile`` (so a
+compiled graph serves every batch size; the compiler then plans what backward keeps).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import itertools
+import math
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+PATHS = ("auto", "reference", "grouped", "unfold", "mix")
+
+_path = "auto"
+
+
+def set_execution_path(path: str) -> str:
+    """Use ``path`` (one of :data:`PATHS`) for every KernelWarehouse layer; returns the previous one."""
+    global _path
+    if path not in PATHS:
+        raise ValueError(f"execution path must be one of {PATHS}, got {path!r}")
+    previous, _path = _path, path
+    return previous
+
+
+def get_execution_path() -> str:
+    return _path
+
+
+@contextlib.contextmanager
+def execution_path(path: str) -> Iterator[None]:
+    """Context manager form of :func:`set_execution_path`."""
+    previous = set_execution_path(path)
+    try:
+        yield
+    finally:
+        set_execution_path(previous)
 
 
 def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
@@ -25,34 +79,279 @@ def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequenc
     return mixed.reshape(batch, *weight_shape)
 
 
+def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of assembly: (*weight_shape) -> (m, *cell_shape), or with a leading batch
+    dimension (B, *weight_shape) -> (B, m, *cell_shape)."""
+    dims = len(cell_shape) - 2
+    batch = weight.shape[:weight.dim() - dims - 2]
+    lead = len(batch)
+    spatial, out_blocks, in_blocks = grid
+    c_out, c_in = cell_shape[:2]
+    # (out, c_out, in, c_in, spatial, *k) -> (spatial, out, in, c_out, c_in, *k)
+    cells = weight.reshape(*batch, out_blocks, c_out, in_blocks, c_in, spatial, *cell_shape[2:])
+    order = [lead + d for d in (4, 0, 2, 1, 3)] + [lead + 5 + d for d in range(dims)]
+    cells = cells.permute(*range(lead), *order)
+    return cells.reshape(*batch, spatial * out_blocks * in_blocks, *cell_shape)
+
+
+def _grouped_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int] | str,
+                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """Sample b of ``x`` with ``weight[b]`` as one convolution of ``groups * B`` groups."""
+    conv: Callable = CONV[weight.dim() - 3]
+    batch = x.shape[0]
+    out = conv(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
+               stride, padding, dilation, groups * batch)
+    return out.reshape(batch, -1, *out.shape[2:])
+
+
+def _shifted(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], channels_last: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input at every kernel offset, stacked: (B, C, K, *out) with K = prod(kernel) in row-major
+    kernel order (what ``F.unfold`` gives, for 1-d and 2-d), or (B, *out, C, K) with ``channels_last``.
+
+    Built from strided slices rather than ``im2col``, which is slow on CPU and exports to ONNX poorly.
+    """
+    dims = len(kernel)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    size = tuple((x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims))
+    views = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = [slice(None), slice(None)] + [
+            slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilation, size, stride)]
+        view = x[tuple(index)]
+        views.append(view.movedim(1, -1) if channels_last else view)
+    return torch.stack(views, dim=-1 if channels_last else 2), size
+
+
+def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """Per-sample convolution as a batched matrix product over shifted input views."""
+    batch, c_out = weight.shape[:2]
+    cols, size = _shifted(x, weight.shape[3:], stride, padding, dilation)
+    cols = cols.reshape(batch, groups, -1, math.prod(size))
+    out = torch.matmul(weight.reshape(batch, groups, c_out // groups, -1), cols)
+    return out.reshape(batch, c_out, *size)
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
 def conv_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int],
                     groups: int) -> torch.Tensor:
-    """Convolve sample b of ``x`` with ``weight[b]`` (B, C_out, C_in/groups, *k) in one call."""
-    conv: Callable = CONV[weight.dim() - 3]
-    batch = x.shape[0]
-    if batch == 1:
-        return conv(x, weight[0], bias, stride, padding, dilation, groups)
-    out = conv(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
-               stride, padding, dilation, groups * batch)
-    out = out.reshape(batch, -1, *out.shape[2:])
-    if bias is not None:
-        out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
-    return out
+    """Convolve sample b of ``x`` with ``weight[b]`` (B, C_out, C_in/groups, *k) in one call.
+
+    One grouped convolution (a plain one for a single sample); under export, tracing or
+    ``torch.compile`` the batch-free matrix-product form, so graphs hold for every batch size.
+    """
+    free_batch = _exporting() or torch.compiler.is_compiling()
+    if free_batch and not isinstance(padding, str):
+        return _add_bias(_unfold_conv(x, weight, stride, padding, dilation, groups), bias)
+    if not free_batch and x.shape[0] == 1:
+        return CONV[weight.dim() - 3](x, weight[0], bias, stride, padding, dilation, groups)
+    return _add_bias(_grouped_conv(x, weight, stride, padding, dilation, groups), bias)
 
 
 def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (B, T, C_in) with weight (B, C_out, C_in) -> (B, T, C_out)."""
-    out = torch.bmm(x, weight.transpose(1, 2))
-    return out if bias is None else out + bias
+    out = torch.matmul(x, weight.transpose(1, 2))
+    return out if bias is None else out + bias.to(out.dtype)
 
 
-def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of assembly for one weight: (*weight_shape) -> (m, c_out, c_in, *k_cell)."""
-    dims = len(cell_shape) - 2
-    spatial, out_blocks, in_blocks = grid
-    c_out, c_in = cell_shape[:2]
-    # (out, c_out, in, c_in, spatial, *k) -> (spatial, out, in, c_out, c_in, *k)
-    cells = weight.reshape(out_blocks, c_out, in_blocks, c_in, spatial, *cell_shape[2:])
-    cells = cells.permute(4, 0, 2, 1, 3, *range(5, 5 + dims))
-    return cells.reshape(spatial * out_blocks * in_blocks, *cell_shape)
+class ConvGeometry(NamedTuple):
+    """Everything of a per-sample convolution that is not a tensor. ``dims = 0`` means linear."""
+
+    grid: tuple[int, int, int]
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def dims(self) -> int:
+        return len(self.weight_shape) - 2 if self.stride else 0
+
+
+def _apply(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, path: str) -> torch.Tensor:
+    if not geo.dims:
+        return linear_per_sample(x, weight.flatten(2), None)
+    if path == "unfold":
+        return _unfold_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
+    if not torch.compiler.is_compiling() and x.shape[0] == 1:
+        return CONV[geo.dims](x, weight[0], None, geo.stride, geo.padding, geo.dilation, geo.groups)
+    return _grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+# Weight elements one step of the recomputing path assembles at once: B |W| floats for a ResNet's
+# last stage at batch 32 would outweigh the activations saved for backward. (Larger steps were
+# faster on an H100 but took the peak memory from 1.1 to 2.0 times the static model's.)
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunks(batch: int, weight_numel: int) -> list[slice]:
+    size = max(1, min(batch, CHUNK_ELEMENTS // max(weight_numel, 1)))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+class _RecomputedWeights(torch.autograd.Function):
+    """Per-sample convolution whose backward recomputes the assembled weights.
+
+    Saves only x, the mixture weights (B, m, n) and the warehouse, and works through the batch in
+    chunks so that few assembled weights exist at any time. With dW the gradient of a chunk's
+    per-sample weights, split into cells (b, m, cell): d(attention) = dW cells^T and
+    d(cells) = sum_b attention_b^T dW_b.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,  # type: ignore[override]
+                geo: ConvGeometry, path: str) -> torch.Tensor:
+        ctx.save_for_backward(x, attention, cells)
+        ctx.geo = geo
+        outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
+                for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
+        ctx.dtype = outs[0].dtype  # under autocast, what the products ran in; backward runs in it too
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        x, attention, cells = (t.to(ctx.dtype) for t in saved)
+        grad = grad.to(ctx.dtype)
+        geo: ConvGeometry = ctx.geo
+        cells2d = cells.reshape(cells.shape[0], -1)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_attention = torch.empty_like(attention)
+        grad_cells = torch.zeros_like(cells2d)
+        for part in _chunks(x.shape[0], math.prod(geo.weight_shape)):
+            weight = assemble_weights(attention[part], cells, geo.grid, geo.weight_shape)
+            gx, gw = _weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
+            if grad_x is not None:
+                grad_x[part] = gx
+            per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
+            per_cell = per_cell.reshape(-1, cells2d.shape[1])
+            grad_attention[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
+            grad_cells.addmm_(attention[part].reshape(-1, cells.shape[0]).t(), per_cell)
+        grads = (grad_x, grad_attention, grad_cells.reshape(cells.shape))
+        return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None)
+
+
+def _weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
+                     input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of a per-sample convolution (or linear) with respect to x and the B weights."""
+    if not geo.dims:
+        flat = weight.flatten(2)
+        grad_x = torch.matmul(grad, flat) if input_grad else None
+        return grad_x, torch.matmul(grad.transpose(1, 2), x).reshape(weight.shape)
+    batch = x.shape[0]
+    merged = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        merged(grad), merged(x), weight.reshape(-1, *weight.shape[2:]), None, list(geo.stride),
+        list(geo.padding), list(geo.dilation), False, [0] * geo.dims, geo.groups * batch,
+        [input_grad, True, False])
+    return (grad_x.reshape(x.shape) if input_grad else None), grad_w.reshape(weight.shape)
+
+
+def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """``out_b = sum_j E_j (sum_s a_bsj x_b,s)``: mix shifted inputs, then one product with all cells."""
+    spatial, out_blocks, in_blocks = geo.grid
+    num, c_out, c_in = cells.shape[:3]
+    batch = x.shape[0]
+    cols, size = _shifted(x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True)
+    length = math.prod(size)
+    # cols is (B, L, in block, c_in, spatial): make it (position, c_in) x (spatial, in block)
+    cols = cols.reshape(batch, length, in_blocks, c_in, spatial)
+    cols = cols.permute(0, 1, 3, 4, 2) if in_blocks > 1 else cols
+    cols = cols.reshape(batch, length * c_in, spatial * in_blocks)
+    mix = attention.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 1, 3, 2, 4)
+    mixed = torch.matmul(cols, mix.reshape(batch, spatial * in_blocks, out_blocks * num))
+    # (B, L, c_in, out block, n) -> (B, out block, L, c_in * n), then one product with the warehouse
+    mixed = mixed.reshape(batch, length, c_in, out_blocks, num)
+    mixed = mixed.permute(0, 3, 1, 2, 4) if out_blocks > 1 else mixed.unsqueeze(1)
+    warehouse = cells.reshape(num, c_out, c_in).permute(2, 0, 1).reshape(c_in * num, c_out)
+    out = torch.matmul(mixed.reshape(-1, c_in * num), warehouse)
+    out = out.reshape(batch, out_blocks, length, c_out).permute(0, 1, 3, 2)
+    return out.reshape(batch, out_blocks * c_out, *size)
+
+
+def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
+    """Whether the ``mix`` path applies to a warehouse of ``cells_shape`` (n, c_out, c_in, *k_cell):
+    a convolution with groups 1 and cells of kernel size 1."""
+    return geo.dims > 0 and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])
+
+
+def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_size: int) -> str:
+    """The fastest path in eager mode for one layer, from its shape (``out_size``: output positions L).
+
+    Per sample, assembling costs (n + L) |W| multiply-adds, most of them in a memory-bound product
+    that writes B |W| weights; ``mix`` costs n L |W| / (spatial blocks * input blocks), all in one
+    dense product, and wins where L is small against n (measured on CPU: benchmarks/run.py). A
+    single sample writes only |W| weights: it always assembles, then runs a plain convolution.
+    A pointwise convolution of a batch is one batched matrix product (``unfold``).
+    """
+    if not geo.dims:
+        return "grouped"
+    num = cells_shape[0]
+    spatial, _, in_blocks = geo.grid
+    several = torch.compiler.is_compiling() or batch > 1  # compiled graphs serve every batch size
+    cheap_mix = num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
+    if several and mix_supported(geo, cells_shape) and cheap_mix:
+        return "mix"
+    if several and math.prod(geo.weight_shape[2:]) == 1:
+        return "unfold"
+    return "grouped"
+
+
+# How many times more multiply-adds ``mix`` may spend than assembling and still be faster (CPU).
+MIX_ADVANTAGE = 2.5
+
+
+def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
+            geo: ConvGeometry, path: str | None = None) -> torch.Tensor:
+    """A KernelWarehouse convolution (or linear, ``geo.dims == 0``) along ``path`` (default: the
+    global setting, see :func:`set_execution_path`). All paths compute the same function."""
+    path = path or _path
+    if path == "auto":
+        path = _auto_path(x, cells, geo)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or attention.requires_grad or cells.requires_grad)
+    # eager training: backward recomputes instead of keeping what the forward made
+    lean = needs_grad and not (_exporting() or torch.compiler.is_compiling())
+    if path == "reference":
+        weight = assemble_weights(attention, cells, geo.grid, geo.weight_shape)
+        out = _apply(x, weight, geo, "grouped")
+    elif path == "mix" and mix_supported(geo, cells.shape):
+        if lean:
+            out = checkpoint(_mix_conv, x, attention, cells, geo, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = _mix_conv(x, attention, cells, geo)
+    else:
+        path = "grouped" if path == "mix" else path
+        if lean:
+            out = _RecomputedWeights.apply(x, attention, cells, geo, path)
+        else:
+            out = _apply(x, assemble_weights(attention, cells, geo.grid, geo.weight_shape), geo, path)
+    if not geo.dims:
+        return out if bias is None else out + bias.to(out.dtype)
+    return _add_bias(out, bias)
+
+
+def _auto_path(x: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> str:
+    if _exporting():
+        return "unfold"
+    out_size = math.prod(_out_size(x.shape[2:], geo)) if geo.dims else x.shape[1]
+    path = choose_path(geo, cells.shape, x.shape[0], out_size)
+    # a grouped convolution's groups = B would make a compiled graph specific to one batch size
+    return "unfold" if path == "grouped" and geo.dims and torch.compiler.is_compiling() else path
+
+
+def _out_size(size: Sequence[int], geo: ConvGeometry) -> tuple[int, ...]:
+    k = geo.weight_shape[2:]
+    return tuple((size[i] + 2 * geo.padding[i] - geo.dilation[i] * (k[i] - 1) - 1) // geo.stride[i] + 1
+                 for i in range(geo.dims))

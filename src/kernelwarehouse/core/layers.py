@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .attention import KWAttention
-from .execution import assemble_weights, conv_per_sample, linear_per_sample
+from .execution import ConvGeometry, assemble_weights, kw_conv
 from .plan import LayerPlan, LayerSpec, plan_warehouses
 from .warehouse import Warehouse
 
@@ -82,7 +82,13 @@ class _KWConvNd(KWLayer):
             self.padding = padding
         else:
             self.padding = tuple(ntuple(padding))
-        self._pad = self._explicit_padding() if padding_mode != "zeros" else None
+        pads = self._explicit_padding()
+        symmetric = all(left == right for left, right in zip(pads[::2], pads[1::2]))
+        # a symmetric zero padding goes to the convolution; any other is applied to the input first
+        self._pad = None if padding_mode == "zeros" and symmetric else pads
+        conv_padding = tuple(reversed(pads[::2])) if self._pad is None else (0,) * self.dims
+        self._geometry = ConvGeometry(self.grid, self.weight_shape, self.stride, conv_padding,
+                                      self.dilation, groups)
 
     def _explicit_padding(self) -> tuple[int, ...]:
         """F.pad's (last dim first, left/right) amounts for a non-zero padding mode."""
@@ -103,11 +109,11 @@ class _KWConvNd(KWLayer):
         if x.dim() != self.dims + 2:
             raise ValueError(f"{type(self).__name__} expects a batched {self.dims + 2}-d input "
                              f"(B, C, ...), got shape {tuple(x.shape)}")
-        weight = self.assemble(x.flatten(2).mean(dim=-1))
-        padding = self.padding
+        attention = self.mixture(x.flatten(2).mean(dim=-1))
         if self._pad is not None:
-            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
-        return conv_per_sample(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        return kw_conv(x, attention, self.warehouse.weight, self.bias, self._geometry)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -152,14 +158,15 @@ class KWLinear(KWLayer):
         spec = LayerSpec(plan.name if plan else "linear", key, in_features, out_features, (1,))
         super().__init__(spec, bias, plan, warehouse, ratios)
         self.in_features, self.out_features = in_features, out_features
+        self._geometry = ConvGeometry(self.grid, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         unbatched = x.dim() == 1
         tokens = x.reshape(1 if unbatched else x.shape[0], -1, self.in_features)
-        weight = self.assemble(tokens.mean(dim=1)).squeeze(-1)
-        out = linear_per_sample(tokens, weight, self.bias)
+        attention = self.mixture(tokens.mean(dim=1))
+        out = kw_conv(tokens, attention, self.warehouse.weight, self.bias, self._geometry)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,87 @@
+"""Multiply-adds per sample, counting what KernelWarehouse adds (Li & Yao, ICML 2024, Sec. 3.4).
+
+Assembling a layer's weights mixes n warehouse cells into each of its m cells: n |W| multiply-adds
+per sample (|W| = the layer's weight count), besides the convolution itself and the attention's
+two small linear layers. Counters that only hook ``nn.Conv2d``/``nn.Linear`` miss the first two.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..core.attention import KWAttention
+from ..core.layers import KWLayer, KWLinear, _KWConvNd
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Multiply-adds per sample: ``total`` = ``layers`` (convolutions and linear layers applied to the
+    data) + ``assembly`` (mixing warehouse cells into weights) + ``attention`` (the attention branches)."""
+
+    layers: int
+    assembly: int
+    attention: int
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.assembly + self.attention
+
+    def __str__(self) -> str:
+        return (f"{self.total / 1e9:.3f} GMACs (layers {self.layers / 1e9:.3f}, assembly "
+                f"{self.assembly / 1e9:.3f}, attention {self.attention / 1e9:.4f})")
+
+
+def _conv_macs(out: torch.Tensor, weight_shape: Sequence[int]) -> int:
+    """Per sample: every output value takes C_in/groups * prod(kernel) multiply-adds."""
+    return out[0].numel() * math.prod(weight_shape[1:])
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> MacCount:
+    """Count multiply-adds per sample of ``model`` on one input of ``input_shape`` (one sample's
+    shape, without the batch: (C, H, W) for images), including KernelWarehouse weight assembly and
+    attention. Runs one forward pass at batch size 1."""
+    shape = tuple(input_shape)
+    if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be one sample's shape of positive integers, e.g. (3, 224, 224), got {shape}")
+    counts = {"layers": 0, "assembly": 0, "attention": 0}
+    inside_attention: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, KWAttention):
+            inside_attention.update(id(m) for m in module.modules())
+
+    def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        batch = inputs[0].shape[0] if inputs[0].dim() > 1 else 1
+        if isinstance(module, _KWConvNd):
+            counts["layers"] += _conv_macs(out, module.weight_shape)
+        elif isinstance(module, KWLinear):
+            counts["layers"] += out.numel() // batch * module.in_features
+        elif isinstance(module, _CONVS):
+            counts["layers"] += _conv_macs(out, module.weight.shape)
+        elif isinstance(module, nn.Linear):
+            key = "attention" if id(module) in inside_attention else "layers"
+            counts[key] += out.numel() // batch * module.in_features
+        if isinstance(module, KWLayer):
+            counts["assembly"] += module.warehouse.num_cells * math.prod(module.weight_shape)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (KWLayer, nn.Linear) + _CONVS)]
+    parameter = next(model.parameters(), None)
+    x = torch.zeros((1, *shape),
+                    device=parameter.device if parameter is not None else None,
+                    dtype=parameter.dtype if parameter is not None else None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return MacCount(**counts)
