@@ -48,6 +48,10 @@ class KWLayer(nn.Module):
         self.attention = KWAttention(plan)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
 
+    def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mixture weights (B, m, n) for pooled inputs (B, C_in)."""
+        return self.attention(pooled)
+
     def assemble(self, pooled: torch.Tensor) -> torch.Tensor:
         """Per-sample weights (B, *weight_shape) for pooled inputs (B, C_in)."""
         return assemble_weights(self.attention(pooled), self.warehouse.weight, self.grid, self.weight_shape)
