@@ -9,7 +9,8 @@ import torch
 
 from kernelwarehouse.cli import main
 from kernelwarehouse.models import create_model
-from kernelwarehouse.train import count_macs, load_checkpoint
+from kernelwarehouse.bench import count_macs
+from kernelwarehouse.train import load_checkpoint
 
 TRAIN = ["train", "--data", "digits", "--epochs", "2", "--batch-size", "16", "--limit-train", "96",
          "--limit-val", "48", "--model-kwargs", "base_width=4", "--device", "cpu", "--temp-epochs", "1"]
@@ -56,16 +57,9 @@ def test_eval_reports_accuracy_params_and_macs(trained, capsys):
     model = create_model("kw_resnet18", budget=0.5, num_classes=10, in_chans=1, small_input=True, base_width=4)
     static = create_model("resnet18", num_classes=10, in_chans=1, small_input=True, base_width=4)
     assert result["params"] == sum(p.numel() for p in model.parameters())
-    assert result["macs"] == count_macs(model, (1, 8, 8)) > count_macs(static, (1, 8, 8))
+    assert result["macs"] == count_macs(model, (1, 8, 8)).total > count_macs(static, (1, 8, 8)).total
     code, out, _ = run_kw(capsys, "eval", "--checkpoint", str(trained / "kw" / "last.pt"), "--ema")
     assert code == 0 and "top-1" in out and "MACs" in out and "360 samples" in out
-
-
-def test_count_macs_matches_the_papers_cost_model():
-    # SPEC section 4: ResNet18 at 224x224, static 1.814 G, KW 1x 2.199 G, KW 4x 3.354 G multiply-adds
-    for name, budget, expected in (("resnet18", None, 1.814e9), ("kw_resnet18", 1, 2.199e9),
-                                   ("kw_resnet18", 4, 3.354e9)):
-        assert count_macs(create_model(name, budget=budget), (3, 224, 224)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_inspect_plots_attentions_and_summarises(trained, capsys, tmp_path):

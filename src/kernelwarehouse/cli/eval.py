@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from ..models.registry import format_budget, parse_budget
 from ..train.checkpoint import load_checkpoint
 from ..train.data import DataInfo, EpochBatches, load_data
-from ..train.evaluate import count_macs, count_parameters, evaluate
+from ..bench import count_macs
+from ..train.evaluate import count_parameters, evaluate
 from ..train.trainer import TrainConfig, build_model, resolve_device
 from . import CommandError
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"checkpoint": args.checkpoint, "model": config.model,
               "budget": format_budget(parse_budget(config.budget)) if config.budget else None,
               "data": data, "samples": len(val), "epoch": state["epoch"], **metrics,
-              "params": count_parameters(model), "macs": count_macs(model, image_shape),
+              "params": count_parameters(model), "macs": count_macs(model, image_shape).total,
               "input": list(image_shape), "weights": "ema" if args.ema else "model"}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -2,10 +2,10 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataInfo, EpochBatches, load_data
 from .ema import ModelEma
-from .evaluate import count_macs, count_parameters, evaluate
+from .evaluate import count_parameters, evaluate
 from .recipes import RECIPES, Recipe, get_recipe
 from .trainer import TrainConfig, Trainer, build_model
 
 __all__ = ["DataInfo", "EpochBatches", "ModelEma", "RECIPES", "Recipe", "TrainConfig", "Trainer", "build_model",
-           "count_macs", "count_parameters", "evaluate", "get_recipe", "load_checkpoint", "load_data",
+           "count_parameters", "evaluate", "get_recipe", "load_checkpoint", "load_data",
            "save_checkpoint"]
