@@ -7,3 +7,5 @@ from .resnet import ResNet
 
 __all__ = ["ConvNeXt", "MobileNetV2", "ResNet", "create_model", "format_budget", "list_models",
            "model_entry", "parse_budget"]
+
+from ..baselines import models as _baselines  # noqa: E402,F401  (registers CondConv, DY-Conv, ODConv models)
