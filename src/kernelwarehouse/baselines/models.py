@@ -94,5 +94,13 @@ PUBLISHED: dict[str, dict[int, tuple[float | None, float | None]]] = {
     "condconv_resnet18": {4: (None, None)},
 }
 
+# kernel_num -> the exact count of the ODConv authors' models (ImageNet head)
+REFERENCE_PARAMS: dict[str, dict[int, int]] = {
+    "odconv_resnet18": {1: 11943944, 4: 44901640},
+    "odconv_resnet50": {1: 28635112, 4: 90670888},
+    "odconv_mobilenetv2_100": {1: 4940185, 4: 11512149},
+    "odconv_mobilenetv2_050": {1: 2425537, 4: 4435501},
+}
+
 for _name, _paper in PUBLISHED.items():
-    register(ModelEntry(_name, globals()[_name], False, _paper, kind="baseline"))
+    register(ModelEntry(_name, globals()[_name], False, _paper, REFERENCE_PARAMS.get(_name, {}), kind="baseline"))

@@ -11,7 +11,8 @@ import torch.nn as nn
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model; ``paper`` maps a budget (None for static) to (params M, top-1) of the
-    paper's tables, ``reference_params`` to the exact count of the reference implementation."""
+    paper's tables, ``reference_params`` to the exact count of the reference implementation.
+    For a baseline (``kind="baseline"``) the keys of ``paper`` are numbers of kernels K."""
 
     name: str
     builder: Callable[..., nn.Module]
