@@ -84,3 +84,23 @@ def test_layer_options_pass_through_and_build_baseline_on_any_model():
     with pytest.raises(KeyError, match="no module"):
         build_baseline(net, ["7"], "odconv")
     assert kw.get_temperature(net) is None
+
+
+def test_mac_count_of_one_odconv_layer():
+    from kernelwarehouse.baselines.macs import count_macs
+    layer = ODConv2d(16, 32, 3, padding=1, bias=False)   # hidden 16, K = 4
+    macs = count_macs(layer, (16, 8, 8))
+    size = 32 * 16 * 9
+    assert macs.layers == 64 * size
+    assert macs.assembly == 4 * size + size                    # mixing 4 kernels, spatial attention
+    assert macs.attention == 16 * (16 + 16 + 32 + 9 + 4) + 16 * 64 + 32 * 64
+
+
+def test_mac_counts_of_resnet18_static_and_kernelwarehouse():
+    from kernelwarehouse.baselines.macs import count_macs
+    # torchvision's 1.814 GMACs; the cost model's KW 1x 2.199 and 4x 3.354 GMACs (assembly included)
+    assert round(count_macs(create_model("resnet18")).total / 1e9, 3) == 1.814
+    assert round(count_macs(create_model("kw_resnet18", budget=1)).total / 1e9, 3) == 2.199
+    assert round(count_macs(create_model("kw_resnet18", budget=4)).total / 1e9, 3) == 3.354
+    odconv = count_macs(create_model("odconv_resnet18", kernel_num=4))
+    assert odconv.layers == count_macs(create_model("resnet18")).layers and odconv.assembly > 0
