@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from ..core.execution import assemble_weights, conv_per_sample
-
-WHOLE_KERNEL = (1, 1, 1)  # a full kernel is one cell: (spatial, out, in) blocks
+from ..core.execution import conv_per_sample
 
 
 def attention_width(in_channels: int, reduction: float, min_hidden: int) -> int:
@@ -59,7 +57,7 @@ class MixtureConv2d(nn.Module):
 
     def mix(self, attention: torch.Tensor) -> torch.Tensor:
         """Per-sample weights (B, C_out, C_in / groups, k_h, k_w) from kernel weights (B, K)."""
-        return assemble_weights(attention.unsqueeze(1), self.weight, WHOLE_KERNEL, self.weight_shape)
+        return (attention @ self.weight.flatten(1)).reshape(attention.shape[0], *self.weight_shape)
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Convolve sample b of ``x`` with ``weight[b]``, without bias."""
