@@ -1,4 +1,4 @@
-"""One epoch of each baseline model on 1000 of scikit-learn's 8x8 digits (slow: run with -m slow;
+"""One epoch of the baseline ResNet18s on 1000 of scikit-learn's 8x8 digits (slow: run with -m slow;
 minutes per model on a CPU, where per-sample convolution is slow)."""
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from kernelwarehouse.models import create_model
 
 pytestmark = pytest.mark.slow
 
-MODELS = ["odconv_resnet18", "odconv_resnet50", "odconv_mobilenetv2_100", "odconv_mobilenetv2_050",
-          "dyconv_resnet18", "condconv_resnet18"]
-
 
 def digits() -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
@@ -25,6 +22,17 @@ def digits() -> tuple[torch.Tensor, ...]:
     return x[:1000], y[:1000], x[1500:], y[1500:]
 
 
+def recalibrate_batchnorm(model, x) -> None:
+    """Exact BatchNorm statistics of the trained weights (running averages lag after a few steps)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for part in x.split(100):
+            model(part)
+
+
 def held_out(model, x, y) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
@@ -33,20 +41,22 @@ def held_out(model, x, y) -> tuple[float, float]:
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ["odconv_resnet18", "dyconv_resnet18", "condconv_resnet18"])
 def test_one_epoch_on_digits_learns(name):
     torch.manual_seed(0)
     x, y, x_test, y_test = digits()
     model = create_model(name, kernel_num=4, num_classes=10, small_input=True, in_chans=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     before, _ = held_out(model, x_test, y_test)
-    steps = len(y) // 50
+    batch, steps = 25, len(y) // 25
     for step in range(steps):
-        set_baseline_temperature(model, baseline_temperature(step, steps // 2))
-        batch = slice(step * 50, (step + 1) * 50)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
+        # the papers' schedule: 30 -> 1 over the first 10 epochs
+        set_baseline_temperature(model, baseline_temperature(step, 10 * steps))
+        part = slice(step * batch, (step + 1) * batch)
+        loss = F.cross_entropy(model(x[part]), y[part])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    recalibrate_batchnorm(model, x)
     after, accuracy = held_out(model, x_test, y_test)
-    assert after < before and accuracy > 0.3, (before, after, accuracy)
+    assert after < before and accuracy > 0.5, (before, after, accuracy)

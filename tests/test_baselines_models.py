@@ -104,3 +104,18 @@ def test_mac_counts_of_resnet18_static_and_kernelwarehouse():
     assert round(count_macs(create_model("kw_resnet18", budget=4)).total / 1e9, 3) == 3.354
     odconv = count_macs(create_model("odconv_resnet18", kernel_num=4))
     assert odconv.layers == count_macs(create_model("resnet18")).layers and odconv.assembly > 0
+
+
+def test_kw_models_lists_baselines_by_kernel_count(monkeypatch, capsys):
+    from kernelwarehouse.cli import main
+    from kernelwarehouse.cli import models as cli_models
+    monkeypatch.setattr(cli_models, "list_models", lambda: ["resnet18", "odconv_mobilenetv2_050", "dyconv_resnet18"])
+    rows = cli_models.model_table()
+    assert [(r["model"], r["budget"]) for r in rows] == [
+        ("resnet18", "static"), ("odconv_mobilenetv2_050", "K=1"), ("odconv_mobilenetv2_050", "K=4"),
+        ("dyconv_resnet18", "K=4")]
+    assert rows[1]["params"] == 2425537 and rows[1]["matches_reference"] and rows[1]["paper_top1"] == 68.06
+    assert rows[3]["paper_params_m"] is None and not rows[3]["matches_reference"]
+    assert main(["models"]) == 0
+    printed = capsys.readouterr().out
+    assert "odconv_mobilenetv2_050     K=4" in printed and "dyconv_resnet18" in printed
