@@ -244,3 +244,30 @@ def test_eval_refuses_data_of_another_shape(trained, tmp_path, capsys):
     cifar = write_cifar(tmp_path / "cifar", num_classes=100)
     code, _, err = run_kw(capsys, "eval", "--checkpoint", str(trained / "kw" / "last.pt"), "--data", str(cifar))
     assert code == 2 and "100 classes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_compare_adds_the_baselines_on_the_same_recipe(capsys, tmp_path):
+    out_dir = tmp_path / "compare"
+    code, out, err = run_kw(capsys, "demo", "--output", str(out_dir), "--runs", "resnet18", "--compare", "--width", "4",
+                            "--epochs", "1", "--limit-train", "64", "--limit-val", "32", "--batch-size", "16",
+                            "--temp-epochs", "2")
+    assert code == 0, err
+    results = json.loads((out_dir / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["resnet18", "condconv_resnet18", "dyconv_resnet18",
+                                                     "odconv_resnet18"]
+    assert len({(c["lr"], c["epochs"], c["seed"], c["batch_size"]) for c in results["configs"]}) == 1
+    for name in ("condconv_resnet18", "dyconv_resnet18", "odconv_resnet18"):
+        checkpoint = load_checkpoint(out_dir / name / "last.pt")
+        assert checkpoint["step"] == 4 and checkpoint["config"]["model"] == name
+
+
+def test_baseline_temperature_is_annealed_by_the_trainer(tmp_path):
+    from kernelwarehouse.baselines.temperature import baseline_temperature
+    from kernelwarehouse.train import TrainConfig, Trainer
+    config = TrainConfig(model="odconv_resnet18", data="digits", epochs=1, batch_size=16, limit_train=64,
+                         limit_val=32, temp_epochs=2, output=str(tmp_path / "od"),
+                         model_kwargs={"base_width": 4})
+    trainer = Trainer(config)
+    trainer.fit()
+    layer = trainer.model.layer1[0].conv1
+    assert layer.temperature == pytest.approx(baseline_temperature(3, 8)) and 1 < layer.temperature < 30

@@ -13,8 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..core.attention import KWAttention
-from ..core.layers import KWLayer, KWLinear, _KWConvNd
+from ..core.layers import KWLayer
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -37,11 +36,6 @@ class MacCount:
                 f"{self.assembly / 1e9:.3f}, attention {self.attention / 1e9:.4f})")
 
 
-def _conv_macs(out: torch.Tensor, weight_shape: Sequence[int]) -> int:
-    """Per sample: every output value takes C_in/groups * prod(kernel) multiply-adds."""
-    return out[0].numel() * math.prod(weight_shape[1:])
-
-
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> MacCount:
     """Count multiply-adds per sample of ``model`` on one input of ``input_shape`` (one sample's
     shape, without the batch: (C, H, W) for images), including KernelWarehouse weight assembly and
@@ -50,27 +44,29 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> MacCount:
     if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in shape):
         raise ValueError(f"input_shape must be one sample's shape of positive integers, e.g. (3, 224, 224), got {shape}")
     counts = {"layers": 0, "assembly": 0, "attention": 0}
-    inside_attention: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, KWAttention):
-            inside_attention.update(id(m) for m in module.modules())
+    dynamic = [m for m in model.modules() if isinstance(m, KWLayer) or hasattr(m, "assembly_macs")]
+    inside_attention = {id(sub) for layer in dynamic for sub in layer.modules() if sub is not layer}
 
     def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        batch = inputs[0].shape[0] if inputs[0].dim() > 1 else 1
-        if isinstance(module, _KWConvNd):
-            counts["layers"] += _conv_macs(out, module.weight_shape)
-        elif isinstance(module, KWLinear):
-            counts["layers"] += out.numel() // batch * module.in_features
-        elif isinstance(module, _CONVS):
-            counts["layers"] += _conv_macs(out, module.weight.shape)
-        elif isinstance(module, nn.Linear):
-            key = "attention" if id(module) in inside_attention else "layers"
-            counts[key] += out.numel() // batch * module.in_features
+        x = inputs[0]
+        batch = x.shape[0] if x.dim() > 1 else 1
         if isinstance(module, KWLayer):
-            counts["assembly"] += module.warehouse.num_cells * math.prod(module.weight_shape)
+            weight_shape = module.weight_shape
+            counts["assembly"] += module.warehouse.num_cells * math.prod(weight_shape)
+        elif hasattr(module, "assembly_macs"):  # other dynamic convolutions (the baselines)
+            weight_shape = module.weight_shape
+            mixing, scaling = module.assembly_macs(x, out)
+            counts["assembly"] += mixing
+            counts["attention"] += scaling
+        elif isinstance(module, nn.Linear):
+            weight_shape = (module.out_features, module.in_features)
+        else:
+            weight_shape = tuple(module.weight.shape)
+        key = "attention" if id(module) in inside_attention else "layers"
+        counts[key] += out.numel() // batch * math.prod(weight_shape[1:])
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (KWLayer, nn.Linear) + _CONVS)]
+               if isinstance(m, (nn.Linear,) + _CONVS) or m in dynamic]
     parameter = next(model.parameters(), None)
     x = torch.zeros((1, *shape),
                     device=parameter.device if parameter is not None else None,

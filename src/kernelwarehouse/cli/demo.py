@@ -26,6 +26,7 @@ from . import CommandError
 from .train import add_training_options, parse_model_kwargs
 
 DEFAULT_RUNS = ("resnet18", "kw_resnet18@1/2", "kw_resnet18@1", "kw_resnet18@4")
+BASELINE_RUNS = ("condconv_resnet18", "dyconv_resnet18", "odconv_resnet18")  # K = 4 kernels each
 
 
 def parse_run(text: str) -> tuple[str, str | None]:
@@ -43,7 +44,8 @@ def run_label(name: str, budget: str | None) -> str:
 
 def demo_configs(args: argparse.Namespace) -> list[TrainConfig]:
     """One TrainConfig per run: the digits recipe, the same seed and options for all."""
-    runs = [parse_run(text) for text in (args.runs or DEFAULT_RUNS)]
+    names = list(args.runs or DEFAULT_RUNS) + (list(BASELINE_RUNS) if args.compare else [])
+    runs = [parse_run(text) for text in names]
     recipe = get_recipe("digits").options()
     shared = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                  "temp_epochs": args.temp_epochs, "seed": args.seed, "device": args.device,
@@ -116,6 +118,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", default="runs/demo", help="where runs, table and plots go (runs/demo)")
     parser.add_argument("--runs", nargs="+", metavar="MODEL[@BUDGET]",
                         help=f"models to compare (default: {' '.join(DEFAULT_RUNS)})")
+    parser.add_argument("--compare", action="store_true",
+                        help="add the baselines CondConv, DY-Conv and ODConv (ResNet18, K = 4) to the runs")
     parser.add_argument("--width", type=int, default=8, help="base width of the ResNets (8; the paper's is 64)")
     parser.add_argument("--verbose", action="store_true", help="print every epoch of every run")
     add_training_options(parser)

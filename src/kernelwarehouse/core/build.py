@@ -69,9 +69,18 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         owned.setdefault(layer.warehouse, []).append(layer.slots)
     warehouses = {w.name: Warehouse(w, owned[w.name]) for w in plan.warehouses}
     new_layers = {p.name: kw_layer_like(modules[p.name], p, warehouses[p.warehouse]) for p in plan.layers}
-    for name, layer in new_layers.items():
+    return replace_modules(model, new_layers)
+
+
+def replace_modules(model: nn.Module, new_modules: Mapping[str, nn.Module]) -> nn.Module:
+    """Put each module of ``new_modules`` (module path -> module) in place of ``model``'s, in place."""
+    modules = dict(model.named_modules())
+    missing = [name for name in new_modules if name not in modules or not name]
+    if missing:
+        raise KeyError(f"model has no module(s) {missing}")
+    for name, module in new_modules.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
+        setattr(modules[parent_name] if parent_name else model, child, module)
     return model
 
 

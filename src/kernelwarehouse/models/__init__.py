@@ -9,3 +9,5 @@ from . import timm_bridge  # noqa: E402,F401  (registers the zoo with timm, when
 
 __all__ = ["ConvNeXt", "MobileNetV2", "ResNet", "create_model", "format_budget", "list_models",
            "model_entry", "parse_budget"]
+
+from ..baselines import models as _baselines  # noqa: E402,F401  (registers CondConv, DY-Conv, ODConv models)

@@ -11,13 +11,21 @@ import torch.nn as nn
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model; ``paper`` maps a budget (None for static) to (params M, top-1) of the
-    paper's tables, ``reference_params`` to the exact count of the reference implementation."""
+    paper's tables, ``reference_params`` to the exact count of the reference implementation.
+    For a baseline (``kind="baseline"``) the keys of ``paper`` are numbers of kernels K."""
 
     name: str
     builder: Callable[..., nn.Module]
     dynamic: bool
     paper: dict[Fraction | None, tuple[float, float | None]] = field(default_factory=dict)
     reference_params: dict[Fraction | None, int] = field(default_factory=dict)
+    kind: str = ""  # "static", "kw" or "baseline" (a dynamic convolution without budget); default by ``dynamic``
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", "kw" if self.dynamic else "static")
+        if self.kind not in ("static", "kw", "baseline") or (self.kind == "kw") != self.dynamic:
+            raise ValueError(f"model {self.name!r}: kind {self.kind!r} does not agree with dynamic={self.dynamic}")
 
     @property
     def budgets(self) -> list[Fraction | None]:
@@ -74,6 +82,9 @@ def create_model(name: str, budget: Any = None, num_classes: int = 1000, **overr
     overrides; static models take no budget."""
     entry = model_entry(name)
     if not entry.dynamic:
+        if budget is not None and entry.kind == "baseline":
+            raise ValueError(f"{name} is a dynamic-convolution baseline and takes no budget; "
+                             f"set its number of kernels instead (e.g. kernel_num=4)")
         if budget is not None:
             raise ValueError(f"{name} is a static model and takes no budget; use kw_{name}")
         return entry.builder(num_classes=num_classes, **overrides)

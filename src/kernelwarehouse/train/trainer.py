@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..core.attention import KWAttention
 from ..core.build import kw_layers
+from ..baselines.temperature import baseline_temperature, set_baseline_temperature
 from ..core.temperature import TemperatureSchedule
 from ..models.registry import create_model, model_entry
 from .checkpoint import (FORMAT, VERSION, config_differences, load_checkpoint, publish, rng_state, save_checkpoint,
@@ -326,6 +327,8 @@ class Trainer:
         bar = _progress(loader, self.progress, f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for images, labels in bar:
             tau = self.temperature.step()
+            # DY-Conv / ODConv baselines: their softmax temperature, 30 -> 1 over the same steps
+            set_baseline_temperature(model, baseline_temperature(self.step, self.temperature.anneal_steps))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if cfg.channels_last and self.device.type == "cuda":
