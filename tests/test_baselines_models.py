@@ -1,6 +1,8 @@
 """The baselines' models: published parameter counts, which layers are dynamic, forward/backward."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -119,3 +121,15 @@ def test_kw_models_lists_baselines_by_kernel_count(monkeypatch, capsys):
     assert main(["models"]) == 0
     printed = capsys.readouterr().out
     assert "odconv_mobilenetv2_050     K=4" in printed and "dyconv_resnet18" in printed
+
+
+@pytest.mark.parametrize("name", ["odconv_resnet18", "odconv_resnet50", "odconv_mobilenetv2_100",
+                                  "odconv_mobilenetv2_050", "dyconv_resnet18", "condconv_resnet18"])
+def test_one_digits_epoch_through_the_trainer(name, tmp_path):
+    from kernelwarehouse.train import TrainConfig, Trainer
+    kwargs = {"base_width": 8} if "resnet" in name else {}
+    config = TrainConfig(model=name, data="digits", epochs=1, batch_size=16, limit_train=48, limit_val=32,
+                         output=str(tmp_path / name), model_kwargs={"kernel_num": 4, **kwargs})
+    history = Trainer(config).fit()
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_top1"] <= 100
+    assert (tmp_path / name / "last.pt").exists()
