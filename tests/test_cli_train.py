@@ -255,6 +255,7 @@ def test_demo_compare_adds_the_baselines_on_the_same_recipe(capsys, tmp_path):
     results = json.loads((out_dir / "results.json").read_text())
     assert [r["model"] for r in results["runs"]] == ["resnet18", "condconv_resnet18", "dyconv_resnet18",
                                                      "odconv_resnet18"]
+    assert [r["budget"] for r in results["runs"]] == ["static", "K=4", "K=4", "K=4"]
     assert len({(c["lr"], c["epochs"], c["seed"], c["batch_size"]) for c in results["configs"]}) == 1
     for name in ("condconv_resnet18", "dyconv_resnet18", "odconv_resnet18"):
         checkpoint = load_checkpoint(out_dir / name / "last.pt")

@@ -38,6 +38,15 @@ def parse_run(text: str) -> tuple[str, str | None]:
     return name, str(parse_budget(budget)) if budget else None
 
 
+def variant(config: TrainConfig) -> str:
+    """The table's budget column: ``1/2x`` for KernelWarehouse, ``K=4`` for a baseline, else static."""
+    if config.budget:
+        return format_budget(parse_budget(config.budget))
+    if model_entry(config.model).kind == "baseline":
+        return f"K={config.model_kwargs.get('kernel_num', 4)}"
+    return "static"
+
+
 def run_label(name: str, budget: str | None) -> str:
     return f"{name} {format_budget(parse_budget(budget))}" if budget else name
 
@@ -91,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         history = trainer.fit()
         final = history[-1]
         rows.append({"model": config.model,
-                     "budget": format_budget(parse_budget(config.budget)) if config.budget else "static",
+                     "budget": variant(config),
                      "params": trainer.num_parameters, "top1": final["val_top1"], "best_top1": trainer.best["top1"],
                      "top5": final["val_top5"], "val_loss": final["val_loss"],
                      "time": sum(r["train_time"] for r in history), "output": config.output})
