@@ -41,3 +41,10 @@ def test_kw_bench_cli_json(capsys):
 def test_kw_bench_cli_errors(capsys):
     assert main(["bench", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_benchmark_a_baseline_against_its_static_model():
+    result = benchmark("odconv_resnet18", batch_size=2, image_size=32, repeats=1, memory_batch_size=None)
+    assert result["budget"] == "K=4" and result["static"].endswith("resnet18")
+    params = result["figures"]["params"]
+    assert params["ratio"] == pytest.approx(44.90164 / 11.689512, rel=1e-4)

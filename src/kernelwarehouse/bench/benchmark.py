@@ -23,8 +23,9 @@ TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv2_100"
 
 
 def static_counterpart(name: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
-    """The static model a KW model is compared with: torchvision's where it has one, else ours."""
-    static = name.removeprefix("kw_")
+    """The static model a dynamic model (``kw_resnet18``, ``odconv_resnet18``) is compared with:
+    torchvision's where it has one, else ours."""
+    static = name.split("_", 1)[1]
     try:
         import torchvision
         return getattr(torchvision.models, TORCHVISION[static])(num_classes=num_classes), f"torchvision {TORCHVISION[static]}"
@@ -92,20 +93,23 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
     entry = model_entry(model)
-    if not entry.dynamic:
-        raise ValueError(f"{model!r} is a static model; benchmark a KernelWarehouse model (kw_*)")
-    budget = parse_budget(budget)
+    if entry.kind == "static":
+        raise ValueError(f"{model!r} is a static model; benchmark a KernelWarehouse model (kw_*) or a baseline")
     dev = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    kw_model = create_model(model, budget=budget).to(dev)
+    if entry.kind == "baseline":  # CondConv / DY-Conv / ODConv: K kernels, no budget
+        kw_model, variant = create_model(model).to(dev), "K=4"
+    else:
+        budget = parse_budget(budget)
+        kw_model, variant = create_model(model, budget=budget).to(dev), format_budget(budget)
     set_temperature(kw_model, tau)
     static, static_name = static_counterpart(model)
     static = static.to(dev)
     shape = (3, image_size, image_size)
     result: dict[str, Any] = {
-        "model": model, "budget": format_budget(budget), "static": static_name, "device": str(dev),
+        "model": model, "budget": variant, "static": static_name, "device": str(dev),
         "threads": torch.get_num_threads(), "image_size": image_size, "batch_size": batch_size, "tau": tau,
         "path": path, "amp": amp, "figures": {}}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
