@@ -133,3 +133,17 @@ def test_one_digits_epoch_through_the_trainer(name, tmp_path):
     history = Trainer(config).fit()
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_top1"] <= 100
     assert (tmp_path / name / "last.pt").exists()
+
+
+def test_convert_with_a_baseline_method_takes_the_same_layers_as_kw():
+    import torchvision
+    kw_model = kw.convert(torchvision.models.resnet18(num_classes=10), budget=1)
+    od_model = kw.convert(torchvision.models.resnet18(num_classes=10), method="odconv", kernel_num=4)
+    kw_paths = {name for name, _ in kw.kw_layers(kw_model)}
+    od_paths = {name for name, m in od_model.named_modules() if isinstance(m, ODConv2d)}
+    assert od_paths == kw_paths and len(od_paths) == 19
+    assert od_model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="method must be 'kw' or one of"):
+        kw.convert(torchvision.models.resnet18(), method="vgg")
+    with pytest.raises(ValueError, match="warm_start is for method='kw'"):
+        kw.convert(torchvision.models.resnet18(), method="dyconv", warm_start=True)

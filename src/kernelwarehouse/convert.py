@@ -103,7 +103,7 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
             include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
             sharing: Sharing = "stage", norm: str = "batch", *, linear: bool | None = None,
             example_input: torch.Tensor | tuple | None = None, max_attention: float = MAX_ATTENTION,
-            verbose: bool = False, **ratios: Any) -> nn.Module:
+            verbose: bool = False, method: str = "kw", kernel_num: int = 4, **ratios: Any) -> nn.Module:
     """Replace ``model``'s static layers by KernelWarehouse layers, in place; returns ``model``.
 
     Args:
@@ -122,11 +122,23 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
             hold more weights than the convolutions (transformers, ConvNeXt); True: every Linear.
         example_input: the probe input the stages are read from (default: one 224x224 image).
         max_attention: the share of a warehouse's static weights its layers' attention may take.
+        method: ``"kw"``, or a baseline (``"odconv"``, ``"dyconv"``, ``"condconv"``) with
+            ``kernel_num`` kernels put on the same Conv2d layers KernelWarehouse would take.
         **ratios: further warehouse options (``cell_inplane_ratio``, ``reduction``, ...), one value
             or a mapping from warehouse name to value.
     """
     conversion, originals = _plan(model, budget, include, exclude, sharing, norm, linear,
                                   example_input, max_attention, ratios)
+    if method != "kw":
+        from .baselines.models import METHODS, build_baseline
+        if method not in METHODS:
+            raise ValueError(f"method must be 'kw' or one of {sorted(METHODS)}, got {method!r}")
+        if warm_start:
+            raise ValueError(f"warm_start is for method='kw'; {method} layers start from their own init")
+        paths = [name for name in originals if type(originals[name]) is nn.Conv2d]
+        if not paths:
+            raise ValueError(f"no Conv2d layer to convert to {method} (the selected layers are {list(originals)})")
+        return build_baseline(model, paths, method, kernel_num)
     apply_plan(model, conversion.plan)
     for name, static in originals.items():  # a new layer trains or evaluates as the one it replaces
         model.get_submodule(name).train(static.training)
