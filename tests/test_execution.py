@@ -11,7 +11,7 @@ import kernelwarehouse as kw
 from kernelwarehouse.core.execution import (ConvGeometry, PATHS, choose_path, execution_path, get_execution_path,
                                             kw_conv, mix_supported, set_execution_path)
 
-FAST_PATHS = ("grouped", "unfold", "mix", "auto")
+FAST_PATHS = ("grouped", "unfold", "mix", "loop", "auto")
 
 # (layer class, constructor kwargs, input shape)
 CASES = {
@@ -111,20 +111,26 @@ def test_grouped_backward_keeps_no_per_sample_weights():
 
 
 def test_choose_path_by_shape():
-    # a ResNet18 last-stage 3x3 conv (n = 27 cells, 7x7 map): mixing beats assembling
-    last = ConvGeometry((9, 1, 1), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    last = ConvGeometry((9, 1, 1), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), 1)  # ResNet18, last stage
     cells = (27, 512, 512, 1, 1)
-    assert choose_path(last, cells, 16, 49) == "mix"
-    assert choose_path(last, cells, 1, 49) == "grouped"      # one sample: assembling writes little
-    # the same layer on a 56x56 map assembles
-    assert choose_path(last, cells, 16, 56 * 56) == "grouped"
-    # pointwise: a batched matrix product, except for one sample (a plain convolution)
     point = ConvGeometry((1, 1, 1), (64, 32, 1, 1), (2, 2), (0, 0), (1, 1), 1)
+    depthwise = ConvGeometry((9, 1, 1), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), 32)
+    # CPU: one sample at a time, except a single sample on a map large against the warehouse
+    assert choose_path(last, cells, 16, 49) == "loop"
+    assert choose_path(last, cells, 1, 49) == "loop"
+    assert choose_path(last, cells, 16, 56 * 56) == "loop"
+    assert choose_path(last, cells, 1, 56 * 56) == "grouped"
+    assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "loop"
+    # pointwise: a batched matrix product, except for one sample
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100) == "unfold"
     assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "grouped"
-    depthwise = ConvGeometry((9, 1, 1), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), 32)
+    # elsewhere (a GPU): mixing beats assembling where the map is small against the warehouse
+    assert choose_path(last, cells, 16, 49, "cuda") == "mix"
+    assert choose_path(last, cells, 1, 49, "cuda") == "grouped"     # one sample: assembling writes little
+    assert choose_path(last, cells, 16, 56 * 56, "cuda") == "grouped"
+    assert choose_path(point, (10, 64, 32, 1, 1), 8, 100, "cuda") == "unfold"
     assert not mix_supported(depthwise, (12, 32, 1, 1, 1))
-    assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "grouped"
+    assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4, "cuda") == "grouped"
 
 
 def test_execution_path_setting():
@@ -132,7 +138,7 @@ def test_execution_path_setting():
     with execution_path("mix"):
         assert get_execution_path() == "mix"
     assert get_execution_path() == "auto"
-    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "mix"}
+    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "mix", "loop"}
     with pytest.raises(ValueError, match="execution path must be one of"):
         set_execution_path("fast")
 
@@ -185,7 +191,22 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
         assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
-@pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix"])
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_blocks", "conv3d", "conv2d_whole_kernel_cells"])
+def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
+    import kernelwarehouse.core.execution as execution
+    torch.manual_seed(5)
+    cls, kwargs, shape = CASES[case]
+    kwargs = {**kwargs, "out_channels": 64}
+    layer = cls(**kwargs).double().train()
+    x = torch.randn(shape, dtype=torch.float64)
+    ref_out, ref_grads = run(layer, x, "reference")
+    monkeypatch.setattr(execution, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
+    out, grads = run(layer, x, "loop")
+    assert relative(out, ref_out) < 1e-5
+    assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix", "loop"])
 def test_autocast_bfloat16_training_step(path):
     torch.manual_seed(3)
     model = nn.Sequential(kw.KWConv2d(4, 8, 3, padding=1, norm="layer"), nn.ReLU(),

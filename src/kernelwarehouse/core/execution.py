@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-PATHS = ("auto", "reference", "grouped", "unfold", "mix")
+PATHS = ("auto", "reference", "grouped", "unfold", "mix", "loop")
 
 _path = "auto"
 
@@ -134,6 +134,88 @@ def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
     return out.reshape(batch, c_out, *size)
 
 
+def _by_output(cells: torch.Tensor) -> torch.Tensor:
+    """(n, c_out, c_in, *k_cell) cells as a (c_out, n, c_in * k_cell) view: one matrix per output channel."""
+    return cells.reshape(cells.shape[0], cells.shape[1], -1).transpose(0, 1)
+
+
+def _sample_rows(attention: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """One sample's (m, n) mixture weights as (output block, spatial * input block, n)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    rows = attention.reshape(spatial, out_blocks, in_blocks, -1).transpose(0, 1)
+    return rows.reshape(out_blocks, spatial * in_blocks, -1)
+
+
+def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """(c, spatial * input block, c_in * k) products of mixture rows and cells -> (c, I/groups, *k)
+    weights of c output channels, channels-last for spatially split cells, without a copy."""
+    channels, c_in = products.shape[0], geo.weight_shape[1]
+    if geo.grid[0] == 1:
+        return products.reshape(channels, *geo.weight_shape[1:])
+    return products.reshape(channels, *geo.weight_shape[2:], c_in).movedim(-1, 1)
+
+
+def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """One sample's weight from its (m, n) mixture weights, built in the order a convolution reads
+    fastest: (output channel, kernel offset, input channel) for spatially split cells, which is a
+    channels-last weight, else the plain (output, input, kernel) order. Either way one batched
+    product per output block, ``W[o] = a @ E[o]``, and no reordering copy."""
+    rows = _sample_rows(attention, geo)
+    channels = by_output.shape[0]
+    products = [torch.bmm(r.expand(channels, -1, -1), by_output) for r in rows]
+    return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
+
+
+def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_output: torch.Tensor,
+                       geo: ConvGeometry, grad_by_output: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_sample_weight` for gradients: from one sample's weight gradient, return
+    the gradient of its (m, n) mixture weights and add its share to the cells' (c_out, n, c_in * k)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    c_out, num = by_output.shape[:2]
+    if spatial > 1:
+        grad_weight = grad_weight.movedim(1, -1)  # (O, *k, I): the order _sample_weight built
+    grad_weight = grad_weight.reshape(out_blocks, c_out, spatial * in_blocks, -1)
+    rows = attention.reshape(spatial, out_blocks, in_blocks, num).transpose(0, 1)
+    rows = rows.reshape(out_blocks, spatial * in_blocks, num)
+    grad_rows = []
+    for o in range(out_blocks):
+        grad_rows.append(torch.bmm(grad_weight[o], by_output.transpose(1, 2)).sum(0))
+        grad_by_output.baddbmm_(rows[o].t().expand(c_out, -1, -1), grad_weight[o])
+    grad_rows = torch.stack(grad_rows).reshape(out_blocks, spatial, in_blocks, num).transpose(0, 1)
+    return grad_rows.reshape(-1, num)
+
+
+def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution.
+
+    A large weight (a ResNet's last stage) is built and applied a slice of output channels at a
+    time, so that the slice, the convolution's copy of it and the cells it reads share the cache."""
+    by_output, conv = _by_output(cells), CONV[geo.dims]
+    channels = step = by_output.shape[0]
+    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
+        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
+    spans = [(start, min(start + step, channels)) for start in range(0, channels, step)]
+    outs = []
+    for b in range(x.shape[0]):
+        sample = x[b:b + 1]
+        if geo.groups > 1 or (len(spans) == 1 and geo.grid[1] == 1):
+            outs.append(conv(sample, _sample_weight(attention[b], by_output, geo), None, geo.stride,
+                             geo.padding, geo.dilation, geo.groups))
+            continue
+        rows = _sample_rows(attention[b], geo)
+        parts = [conv(sample, _as_weight(torch.bmm(r.expand(stop - start, -1, -1), by_output[start:stop]), geo),
+                      None, geo.stride, geo.padding, geo.dilation)
+                 for r in rows for start, stop in spans]
+        outs.append(torch.cat(parts, dim=1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+# Weight elements :func:`_loop_conv` builds and applies at once, measured on CPU: a 256x256x3x3
+# weight in one piece, a 512x512x3x3 one in slices of 128 output channels.
+LOOP_SLICE_ELEMENTS = 600_000
+
+
 def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
 
@@ -213,11 +295,15 @@ class _RecomputedWeights(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,  # type: ignore[override]
                 geo: ConvGeometry, path: str) -> torch.Tensor:
         ctx.save_for_backward(x, attention, cells)
-        ctx.geo = geo
-        outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
-                for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
-        ctx.dtype = outs[0].dtype  # under autocast, what the products ran in; backward runs in it too
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.geo, ctx.path = geo, path
+        if path == "loop":
+            out = _loop_conv(x, attention, cells, geo)
+        else:
+            outs = [_apply(x[part], assemble_weights(attention[part], cells, geo.grid, geo.weight_shape), geo, path)
+                    for part in _chunks(x.shape[0], math.prod(geo.weight_shape))]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.dtype = out.dtype  # under autocast, what the products ran in; backward runs in it too
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -226,21 +312,47 @@ class _RecomputedWeights(torch.autograd.Function):
         x, attention, cells = (t.to(ctx.dtype) for t in saved)
         grad = grad.to(ctx.dtype)
         geo: ConvGeometry = ctx.geo
-        cells2d = cells.reshape(cells.shape[0], -1)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_attention = torch.empty_like(attention)
-        grad_cells = torch.zeros_like(cells2d)
-        for part in _chunks(x.shape[0], math.prod(geo.weight_shape)):
-            weight = assemble_weights(attention[part], cells, geo.grid, geo.weight_shape)
-            gx, gw = _weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
-            if grad_x is not None:
-                grad_x[part] = gx
-            per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
-            per_cell = per_cell.reshape(-1, cells2d.shape[1])
-            grad_attention[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
-            grad_cells.addmm_(attention[part].reshape(-1, cells.shape[0]).t(), per_cell)
-        grads = (grad_x, grad_attention, grad_cells.reshape(cells.shape))
+        if ctx.path == "loop":
+            grad_cells = _loop_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
+        else:
+            grad_cells = _chunked_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
+        grads = (grad_x, grad_attention, grad_cells)
         return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None)
+
+
+def _loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                   geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`_loop_conv`, sample by sample; fills grad_x and grad_attention, returns the
+    cells' gradient."""
+    by_output = _by_output(cells)
+    grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
+    for b in range(x.shape[0]):
+        weight = _sample_weight(attention[b], by_output, geo)
+        gx, gw = _weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None)
+        if grad_x is not None:
+            grad_x[b] = gx[0]
+        grad_attention[b] = _sample_cell_grads(gw[0], attention[b], by_output, geo, grad_by_output)
+    return grad_by_output.transpose(0, 1).reshape(cells.shape)
+
+
+def _chunked_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                      geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+    """Backward of the assembled paths, a chunk of samples at a time; fills grad_x and
+    grad_attention, returns the cells' gradient."""
+    cells2d = cells.reshape(cells.shape[0], -1)
+    grad_cells = torch.zeros_like(cells2d)
+    for part in _chunks(x.shape[0], math.prod(geo.weight_shape)):
+        weight = assemble_weights(attention[part], cells, geo.grid, geo.weight_shape)
+        gx, gw = _weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
+        if grad_x is not None:
+            grad_x[part] = gx
+        per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
+        per_cell = per_cell.reshape(-1, cells2d.shape[1])
+        grad_attention[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
+        grad_cells.addmm_(attention[part].reshape(-1, cells.shape[0]).t(), per_cell)
+    return grad_cells.reshape(cells.shape)
 
 
 def _weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
@@ -272,12 +384,15 @@ def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     cols = cols.reshape(batch, length * c_in, spatial * in_blocks)
     mix = attention.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 1, 3, 2, 4)
     mixed = torch.matmul(cols, mix.reshape(batch, spatial * in_blocks, out_blocks * num))
-    # (B, L, c_in, out block, n) -> (B, out block, L, c_in * n), then one product with the warehouse
+    # (B, L, c_in, out block, n) -> (B * out blocks, L, c_in * n)
     mixed = mixed.reshape(batch, length, c_in, out_blocks, num)
-    mixed = mixed.permute(0, 3, 1, 2, 4) if out_blocks > 1 else mixed.unsqueeze(1)
-    warehouse = cells.reshape(num, c_out, c_in).permute(2, 0, 1).reshape(c_in * num, c_out)
-    out = torch.matmul(mixed.reshape(-1, c_in * num), warehouse)
-    out = out.reshape(batch, out_blocks, length, c_out).permute(0, 1, 3, 2)
+    if out_blocks > 1:
+        mixed = mixed.permute(0, 3, 1, 2, 4)
+    mixed = mixed.reshape(batch * out_blocks, length, 1, c_in * num)
+    # The product with the whole warehouse as a pointwise convolution of channels-last features:
+    # on CPU the convolution library runs it about twice as fast as the matrix product.
+    warehouse = cells.reshape(num, c_out, c_in).permute(1, 2, 0).reshape(c_out, c_in * num, 1, 1)
+    out = F.conv2d(mixed.permute(0, 3, 1, 2), warehouse)
     return out.reshape(batch, out_blocks * c_out, *size)
 
 
@@ -287,30 +402,39 @@ def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
     return geo.dims > 0 and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])
 
 
-def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_size: int) -> str:
+def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_size: int,
+                device_type: str = "cpu") -> str:
     """The fastest path in eager mode for one layer, from its shape (``out_size``: output positions L).
 
-    Per sample, assembling costs (n + L) |W| multiply-adds, most of them in a memory-bound product
-    that writes B |W| weights; ``mix`` costs n L |W| / (spatial blocks * input blocks), all in one
-    dense product, and wins where L is small against n (measured on CPU: benchmarks/run.py). A
-    single sample writes only |W| weights: it always assembles, then runs a plain convolution.
-    A pointwise convolution of a batch is one batched matrix product (``unfold``).
+    Per sample, assembling costs n |W| multiply-adds and convolving L |W|; ``mix`` costs
+    n L |W| / (spatial blocks * input blocks). A pointwise convolution of a batch is one batched
+    matrix product (``unfold``). On CPU, assembling one sample at a time (``loop``) keeps each weight
+    in cache and beats the grouped convolution, by up to 4x in a ResNet's last stages; only a single
+    sample on a large map, where assembling is cheap, keeps the plain convolution of ``grouped``
+    (measured with benchmarks/layers.py). Elsewhere, where one grouped convolution is fast,
+    ``mix`` takes layers whose map is small against the warehouse.
     """
     if not geo.dims:
         return "grouped"
     num = cells_shape[0]
     spatial, _, in_blocks = geo.grid
-    several = torch.compiler.is_compiling() or batch > 1  # compiled graphs serve every batch size
+    compiling = torch.compiler.is_compiling()
+    several = compiling or batch > 1  # compiled graphs serve every batch size
+    if several and math.prod(geo.weight_shape[2:]) == 1:
+        return "unfold"
+    if device_type == "cpu" and not compiling:
+        return "grouped" if batch == 1 and out_size > LOOP_MIN_CELLS_PER_POSITION * num else "loop"
     cheap_mix = num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
     if several and mix_supported(geo, cells_shape) and cheap_mix:
         return "mix"
-    if several and math.prod(geo.weight_shape[2:]) == 1:
-        return "unfold"
     return "grouped"
 
 
-# How many times more multiply-adds ``mix`` may spend than assembling and still be faster (CPU).
+# How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
 MIX_ADVANTAGE = 2.5
+# A single sample on CPU takes ``loop`` unless its map has more than this many positions per
+# warehouse cell (there assembling is cheap, and the plain weight order converts faster).
+LOOP_MIN_CELLS_PER_POSITION = 8
 
 
 def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
@@ -331,8 +455,10 @@ def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias:
             out = checkpoint(_mix_conv, x, attention, cells, geo, use_reentrant=False, preserve_rng_state=False)
         else:
             out = _mix_conv(x, attention, cells, geo)
+    elif path == "loop" and geo.dims and not (_exporting() or torch.compiler.is_compiling()):
+        out = _RecomputedWeights.apply(x, attention, cells, geo, path) if lean else _loop_conv(x, attention, cells, geo)
     else:
-        path = "grouped" if path == "mix" else path
+        path = "grouped" if path in ("mix", "loop") else path
         if lean:
             out = _RecomputedWeights.apply(x, attention, cells, geo, path)
         else:
@@ -346,7 +472,7 @@ def _auto_path(x: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> str:
     if _exporting():
         return "unfold"
     out_size = math.prod(_out_size(x.shape[2:], geo)) if geo.dims else x.shape[1]
-    path = choose_path(geo, cells.shape, x.shape[0], out_size)
+    path = choose_path(geo, cells.shape, x.shape[0], out_size, x.device.type)
     # a grouped convolution's groups = B would make a compiled graph specific to one batch size
     return "unfold" if path == "grouped" and geo.dims and torch.compiler.is_compiling() else path
 
