@@ -115,20 +115,18 @@ def test_choose_path_by_shape():
     cells = (27, 512, 512, 1, 1)
     point = ConvGeometry((1, 1, 1), (64, 32, 1, 1), (2, 2), (0, 0), (1, 1), 1)
     depthwise = ConvGeometry((9, 1, 1), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), 32)
-    # CPU: one sample at a time, except a single sample on a map large against the warehouse
-    assert choose_path(last, cells, 16, 49) == "loop"
-    assert choose_path(last, cells, 1, 49) == "loop"
-    assert choose_path(last, cells, 16, 56 * 56) == "loop"
-    assert choose_path(last, cells, 1, 56 * 56) == "grouped"
+    # CPU: one sample at a time, except pointwise layers of a batch (a batched matrix product)
+    for batch, size in [(16, 49), (1, 49), (16, 56 * 56), (1, 56 * 56)]:
+        assert choose_path(last, cells, batch, size) == "loop"
     assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "loop"
-    # pointwise: a batched matrix product, except for one sample
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100) == "unfold"
-    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "grouped"
+    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "loop"
     # elsewhere (a GPU): mixing beats assembling where the map is small against the warehouse
     assert choose_path(last, cells, 16, 49, "cuda") == "mix"
     assert choose_path(last, cells, 1, 49, "cuda") == "grouped"     # one sample: assembling writes little
     assert choose_path(last, cells, 16, 56 * 56, "cuda") == "grouped"
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100, "cuda") == "unfold"
+    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100, "cuda") == "grouped"
     assert not mix_supported(depthwise, (12, 32, 1, 1, 1))
     assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4, "cuda") == "grouped"
 

@@ -408,11 +408,11 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
     Per sample, assembling costs n |W| multiply-adds and convolving L |W|; ``mix`` costs
     n L |W| / (spatial blocks * input blocks). A pointwise convolution of a batch is one batched
-    matrix product (``unfold``). On CPU, assembling one sample at a time (``loop``) keeps each weight
-    in cache and beats the grouped convolution, by up to 4x in a ResNet's last stages; only a single
-    sample on a large map, where assembling is cheap, keeps the plain convolution of ``grouped``
-    (measured with benchmarks/layers.py). Elsewhere, where one grouped convolution is fast,
-    ``mix`` takes layers whose map is small against the warehouse.
+    matrix product (``unfold``). Every other layer on CPU assembles one sample at a time (``loop``):
+    each weight stays in cache, and it beats the grouped convolution by up to 4x in a ResNet's last
+    stages, and a plain convolution of one weight assembled in the usual order by up to 2x
+    (benchmarks/layers.py measures this). Elsewhere, where one grouped convolution is fast, ``mix``
+    takes layers whose map is small against the warehouse.
     """
     if not geo.dims:
         return "grouped"
@@ -423,7 +423,7 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     if several and math.prod(geo.weight_shape[2:]) == 1:
         return "unfold"
     if device_type == "cpu" and not compiling:
-        return "grouped" if batch == 1 and out_size > LOOP_MIN_CELLS_PER_POSITION * num else "loop"
+        return "loop"
     cheap_mix = num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
     if several and mix_supported(geo, cells_shape) and cheap_mix:
         return "mix"
@@ -432,9 +432,6 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
 # How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
 MIX_ADVANTAGE = 2.5
-# A single sample on CPU takes ``loop`` unless its map has more than this many positions per
-# warehouse cell (there assembling is cheap, and the plain weight order converts faster).
-LOOP_MIN_CELLS_PER_POSITION = 8
 
 
 def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,

@@ -20,7 +20,10 @@ class Warehouse(nn.Module):
         super().__init__()
         self.plan = plan
         self.name = plan.name
-        self.weight = nn.Parameter(torch.empty(plan.num_cells, *plan.cell_shape))
+        # Stored output channel first: the n cells' rows for one output channel lie together, the
+        # order in which one sample's weight is assembled (see ``execution._sample_weight``).
+        c_out, *rest = plan.cell_shape
+        self.weight = nn.Parameter(torch.empty(c_out, plan.num_cells, *rest).transpose(0, 1))
         self.owned = tuple(owned) or ((0, plan.num_cells),)
         self.reset_parameters()
 
@@ -31,8 +34,10 @@ class Warehouse(nn.Module):
                 if stop == start:
                     continue
                 cells = self.weight[start:stop]
-                nn.init.kaiming_normal_(cells.view(-1, *cells.shape[2:]), mode="fan_out",
-                                        nonlinearity="relu")
+                stacked = torch.empty(cells.shape[0] * cells.shape[1], *cells.shape[2:], dtype=cells.dtype,
+                                      device=cells.device)
+                nn.init.kaiming_normal_(stacked, mode="fan_out", nonlinearity="relu")
+                cells.copy_(stacked.view(cells.shape))
 
     @property
     def num_cells(self) -> int:
