@@ -199,7 +199,30 @@ def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
     monkeypatch.setattr(execution, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
+    for backward_by_sample in (False, True):
+        if backward_by_sample:
+            monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)
+        out, grads = run(layer, x, "loop")
+        assert relative(out, ref_out) < 1e-5
+        assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
+    """Where the map is small against the warehouse, the loop path's backward takes the mix form."""
+    import kernelwarehouse.core.execution as execution
+    torch.manual_seed(6)
+    layer = kw.KWConv2d(16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5,
+                        cell_inplane_ratio=0.5).double().train()
+    x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
+    assert execution.mix_is_cheap(layer._geometry, layer.warehouse.weight.shape, 9)
+    ref_out, ref_grads = run(layer, x, "reference")
+    if chunked:
+        monkeypatch.setattr(execution, "CHUNK_ELEMENTS", 1)   # one sample per chunk
+    calls = []
+    monkeypatch.setattr(execution, "_loop_backward", lambda *a: calls.append(a))
     out, grads = run(layer, x, "loop")
+    assert not calls
     assert relative(out, ref_out) < 1e-5
     assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 

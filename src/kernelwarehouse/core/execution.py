@@ -314,7 +314,9 @@ class _RecomputedWeights(torch.autograd.Function):
         geo: ConvGeometry = ctx.geo
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_attention = torch.empty_like(attention)
-        if ctx.path == "loop":
+        if ctx.path == "loop" and mix_is_cheap(geo, cells.shape, math.prod(grad.shape[2:])):
+            grad_cells = _mix_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
+        elif ctx.path == "loop":
             grad_cells = _loop_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
         else:
             grad_cells = _chunked_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
@@ -371,10 +373,12 @@ def _weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, 
     return (grad_x.reshape(x.shape) if input_grad else None), grad_w.reshape(weight.shape)
 
 
-def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """``out_b = sum_j E_j (sum_s a_bsj x_b,s)``: mix shifted inputs, then one product with all cells."""
+def _mix_features(x: torch.Tensor, attention: torch.Tensor, geo: ConvGeometry,
+                  cells_shape: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The shifted inputs mixed by the attention, ``sum_s a_bsj x_b,s``, as channels-last features
+    (B * out blocks, c_in * n, L, 1) for one pointwise convolution with the whole warehouse."""
     spatial, out_blocks, in_blocks = geo.grid
-    num, c_out, c_in = cells.shape[:3]
+    num, c_in = cells_shape[0], cells_shape[2]
     batch = x.shape[0]
     cols, size = _shifted(x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True)
     length = math.prod(size)
@@ -388,12 +392,58 @@ def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     mixed = mixed.reshape(batch, length, c_in, out_blocks, num)
     if out_blocks > 1:
         mixed = mixed.permute(0, 3, 1, 2, 4)
-    mixed = mixed.reshape(batch * out_blocks, length, 1, c_in * num)
-    # The product with the whole warehouse as a pointwise convolution of channels-last features:
-    # on CPU the convolution library runs it about twice as fast as the matrix product.
-    warehouse = cells.reshape(num, c_out, c_in).permute(1, 2, 0).reshape(c_out, c_in * num, 1, 1)
-    out = F.conv2d(mixed.permute(0, 3, 1, 2), warehouse)
-    return out.reshape(batch, out_blocks * c_out, *size)
+    return mixed.reshape(batch * out_blocks, length, 1, c_in * num).permute(0, 3, 1, 2), size
+
+
+def _mix_weight(cells: torch.Tensor) -> torch.Tensor:
+    """The warehouse as the (c_out, c_in * n, 1, 1) weight of :func:`_mix_features`' convolution."""
+    num, c_out, c_in = cells.shape[:3]
+    return cells.reshape(num, c_out, c_in).permute(1, 2, 0).reshape(c_out, c_in * num, 1, 1)
+
+
+def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """``out_b = sum_j E_j (sum_s a_bsj x_b,s)``: mix shifted inputs, then one product with all cells,
+    run as a pointwise convolution (on CPU the convolution library does it twice as fast as a
+    matrix product)."""
+    features, size = _mix_features(x, attention, geo, cells.shape)
+    out = F.conv2d(features, _mix_weight(cells))
+    return out.reshape(x.shape[0], -1, *size)
+
+
+def _mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+    """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
+    the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
+    by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
+    chunks of :data:`CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
+    cells' gradient."""
+    weight = _mix_weight(cells)
+    grad_weight = torch.zeros_like(weight)
+    per_sample = geo.grid[1] * math.prod(grad.shape[2:]) * weight.shape[1]
+    for part in _chunks(x.shape[0], per_sample):
+        with torch.enable_grad():
+            inputs = [attention[part].detach().requires_grad_()]
+            if grad_x is not None:
+                inputs.append(x[part].detach().requires_grad_())
+            features, _ = _mix_features(inputs[-1] if grad_x is not None else x[part], inputs[0], geo, cells.shape)
+        out_grad = grad[part].reshape(features.shape[0], weight.shape[0], -1, 1)
+        grad_features, part_weight, _ = torch.ops.aten.convolution_backward(
+            out_grad, features.detach(), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+        grad_weight += part_weight
+        grads = torch.autograd.grad(features, inputs, grad_features)
+        grad_attention[part] = grads[0]
+        if grad_x is not None:
+            grad_x[part] = grads[1]
+    num, c_out, c_in = cells.shape[:3]
+    return grad_weight.reshape(c_out, c_in, num).permute(2, 0, 1).reshape(cells.shape)
+
+
+def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int) -> bool:
+    """Whether ``mix`` spends at most :data:`MIX_ADVANTAGE` times the multiply-adds of assembling:
+    n L |W| / (spatial blocks * input blocks) against (n + L) |W| per sample."""
+    num = cells_shape[0]
+    spatial, _, in_blocks = geo.grid
+    return mix_supported(geo, cells_shape) and num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
 
 
 def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
@@ -416,16 +466,13 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     """
     if not geo.dims:
         return "grouped"
-    num = cells_shape[0]
-    spatial, _, in_blocks = geo.grid
     compiling = torch.compiler.is_compiling()
     several = compiling or batch > 1  # compiled graphs serve every batch size
     if several and math.prod(geo.weight_shape[2:]) == 1:
         return "unfold"
     if device_type == "cpu" and not compiling:
         return "loop"
-    cheap_mix = num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
-    if several and mix_supported(geo, cells_shape) and cheap_mix:
+    if several and mix_is_cheap(geo, cells_shape, out_size):
         return "mix"
     return "grouped"
 
