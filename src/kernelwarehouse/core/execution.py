@@ -20,9 +20,15 @@ function along one of several *paths* (:data:`PATHS`), all equal up to float rou
 ``mix`` (layers it does not apply to take ``grouped``)
     never assembles: the input patches are first mixed with the attention, then multiplied by the
     whole warehouse at once, ``out = sum_j E_j (sum_s a_sj x_s)``. It costs more multiply-adds but
-    runs as one dense product; it wins where the map is small and the warehouse is not (the last
-    stages of a ResNet). Needs ``groups = 1`` and cells of kernel size 1. In training its backward
-    recomputes the mixed patches (activation checkpointing) rather than keeping them.
+    runs as one dense product (a pointwise convolution); it wins where the map is small and the
+    warehouse is not (the last stages of a ResNet). Needs ``groups = 1`` and cells of kernel size 1.
+    In training its backward recomputes the mixed patches (activation checkpointing).
+``loop`` (eager mode; otherwise ``grouped``)
+    one sample at a time: its weight is assembled output channel by output channel, in the order a
+    convolution reads fastest, and applied by a plain convolution, a slice of output channels at a
+    time for large weights. Every weight stays in cache and nothing of size B |W| exists. Its
+    backward recomputes each weight, or takes the ``mix`` form where that is cheaper. The fastest
+    path on CPU.
 
 ``auto`` (the default) picks per call: ``unfold`` under tracing or ONNX export, and otherwise the
 fastest by :func:`choose_path`, with ``unfold`` for ``grouped`` under ``torch.compile`` (so a
