@@ -202,19 +202,22 @@ def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, ge
     while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
         step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
     spans = [(start, min(start + step, channels)) for start in range(0, channels, step)]
-    outs = []
-    for b in range(x.shape[0]):
-        sample = x[b:b + 1]
-        if geo.groups > 1 or (len(spans) == 1 and geo.grid[1] == 1):
-            outs.append(conv(sample, _sample_weight(attention[b], by_output, geo), None, geo.stride,
-                             geo.padding, geo.dilation, geo.groups))
-            continue
-        rows = _sample_rows(attention[b], geo)
-        parts = [conv(sample, _as_weight(torch.bmm(r.expand(stop - start, -1, -1), by_output[start:stop]), geo),
-                      None, geo.stride, geo.padding, geo.dilation)
-                 for r in rows for start, stop in spans]
-        outs.append(torch.cat(parts, dim=1))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    batch = x.shape[0]
+    if geo.groups > 1 or (len(spans) == 1 and geo.grid[1] == 1):
+        outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
+                     geo.dilation, geo.groups) for b in range(batch)]
+        return outs[0] if batch == 1 else torch.cat(outs)
+    # slice by slice, and within a slice sample by sample: the slice's cells are read from memory once
+    rows = [_sample_rows(attention[b], geo) for b in range(batch)]
+    slices = []
+    for block in range(geo.grid[1]):
+        for start, stop in spans:
+            cells_slice = by_output[start:stop]
+            outs = [conv(x[b:b + 1], _as_weight(torch.bmm(rows[b][block].expand(stop - start, -1, -1), cells_slice),
+                                                geo), None, geo.stride, geo.padding, geo.dilation)
+                    for b in range(batch)]
+            slices.append(outs[0] if batch == 1 else torch.cat(outs))
+    return torch.cat(slices, dim=1)
 
 
 # Weight elements :func:`_loop_conv` builds and applies at once, measured on CPU: a 256x256x3x3
