@@ -181,8 +181,7 @@ def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_ou
     if spatial > 1:
         grad_weight = grad_weight.movedim(1, -1)  # (O, *k, I): the order _sample_weight built
     grad_weight = grad_weight.reshape(out_blocks, c_out, spatial * in_blocks, -1)
-    rows = attention.reshape(spatial, out_blocks, in_blocks, num).transpose(0, 1)
-    rows = rows.reshape(out_blocks, spatial * in_blocks, num)
+    rows = _sample_rows(attention, geo)
     grad_rows = []
     for o in range(out_blocks):
         grad_rows.append(torch.bmm(grad_weight[o], by_output.transpose(1, 2)).sum(0))
@@ -194,30 +193,27 @@ def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_ou
 def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution.
 
-    A large weight (a ResNet's last stage) is built and applied a slice of output channels at a
-    time, so that the slice, the convolution's copy of it and the cells it reads share the cache."""
-    by_output, conv = _by_output(cells), CONV[geo.dims]
-    channels = step = by_output.shape[0]
-    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
-    while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
-        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
-    spans = [(start, min(start + step, channels)) for start in range(0, channels, step)]
-    batch = x.shape[0]
-    if geo.groups > 1 or (len(spans) == 1 and geo.grid[1] == 1):
+    Without groups, a large weight (a ResNet's last stage) is built and applied a slice of output
+    channels at a time, so that the slice, the convolution's copy of it and the cells it reads share
+    the cache; the slices go outside, the samples inside, so each slice of cells is read once."""
+    by_output, conv, batch = _by_output(cells), CONV[geo.dims], x.shape[0]
+    if geo.groups > 1:
         outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
                      geo.dilation, geo.groups) for b in range(batch)]
         return outs[0] if batch == 1 else torch.cat(outs)
-    # slice by slice, and within a slice sample by sample: the slice's cells are read from memory once
+    channels = step = by_output.shape[0]
+    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    while step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
+        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
     rows = [_sample_rows(attention[b], geo) for b in range(batch)]
     slices = []
     for block in range(geo.grid[1]):
-        for start, stop in spans:
-            cells_slice = by_output[start:stop]
-            outs = [conv(x[b:b + 1], _as_weight(torch.bmm(rows[b][block].expand(stop - start, -1, -1), cells_slice),
-                                                geo), None, geo.stride, geo.padding, geo.dilation)
-                    for b in range(batch)]
+        for start in range(0, channels, step):
+            part = by_output[start:start + step]
+            outs = [conv(x[b:b + 1], _as_weight(torch.bmm(rows[b][block].expand(part.shape[0], -1, -1), part), geo),
+                         None, geo.stride, geo.padding, geo.dilation) for b in range(batch)]
             slices.append(outs[0] if batch == 1 else torch.cat(outs))
-    return torch.cat(slices, dim=1)
+    return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
 
 # Weight elements :func:`_loop_conv` builds and applies at once, measured on CPU: a 256x256x3x3
@@ -295,9 +291,10 @@ class _RecomputedWeights(torch.autograd.Function):
     """Per-sample convolution whose backward recomputes the assembled weights.
 
     Saves only x, the mixture weights (B, m, n) and the warehouse, and works through the batch in
-    chunks so that few assembled weights exist at any time. With dW the gradient of a chunk's
-    per-sample weights, split into cells (b, m, cell): d(attention) = dW cells^T and
-    d(cells) = sum_b attention_b^T dW_b.
+    chunks (one sample at a time on the ``loop`` path) so that few assembled weights exist at any
+    time. With dW the gradient of a chunk's per-sample weights, split into cells (b, m, cell):
+    d(attention) = dW cells^T and d(cells) = sum_b attention_b^T dW_b. Where ``mix`` is cheap, the
+    ``loop`` path's backward takes the mix form (:func:`_mix_backward`) and builds no weight at all.
     """
 
     @staticmethod
