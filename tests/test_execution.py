@@ -116,9 +116,10 @@ def test_choose_path_by_shape():
     point = ConvGeometry((1, 1, 1), (64, 32, 1, 1), (2, 2), (0, 0), (1, 1), 1)
     depthwise = ConvGeometry((9, 1, 1), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), 32)
     # CPU: one sample at a time, except pointwise layers of a batch (a batched matrix product)
+    # and depthwise ones
     for batch, size in [(16, 49), (1, 49), (16, 56 * 56), (1, 56 * 56)]:
         assert choose_path(last, cells, batch, size) == "loop"
-    assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "loop"
+    assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "grouped"  # one input per group
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100) == "unfold"
     assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "loop"
     # elsewhere (a GPU): mixing beats assembling where the map is small against the warehouse

@@ -197,14 +197,14 @@ def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, ge
     channels at a time, so that the slice, the convolution's copy of it and the cells it reads share
     the cache; the slices go outside, the samples inside, so each slice of cells is read once."""
     by_output, conv, batch = _by_output(cells), CONV[geo.dims], x.shape[0]
-    if geo.groups > 1:
+    channels = step = by_output.shape[0]
+    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
+        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
+    if step == channels:  # the whole weight at once: one convolution per sample
         outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
                      geo.dilation, geo.groups) for b in range(batch)]
         return outs[0] if batch == 1 else torch.cat(outs)
-    channels = step = by_output.shape[0]
-    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
-    while step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
-        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
     rows = [_sample_rows(attention[b], geo) for b in range(batch)]
     slices = []
     for block in range(geo.grid[1]):
@@ -464,8 +464,9 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
     Per sample, assembling costs n |W| multiply-adds and convolving L |W|; ``mix`` costs
     n L |W| / (spatial blocks * input blocks). A pointwise convolution of a batch is one batched
-    matrix product (``unfold``). Every other layer on CPU assembles one sample at a time (``loop``):
-    each weight stays in cache, and it beats the grouped convolution by up to 4x in a ResNet's last
+    matrix product (``unfold``), and a depthwise one of B samples a depthwise convolution of B * C
+    channels (``grouped``). Every other layer on CPU assembles one sample at a time (``loop``): each
+    weight stays in cache, and it beats the grouped convolution by up to 5x in a ResNet's last
     stages, and a plain convolution of one weight assembled in the usual order by up to 2x
     (benchmarks/layers.py measures this). Elsewhere, where one grouped convolution is fast, ``mix``
     takes layers whose map is small against the warehouse.
@@ -477,7 +478,8 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     if several and math.prod(geo.weight_shape[2:]) == 1:
         return "unfold"
     if device_type == "cpu" and not compiling:
-        return "loop"
+        # few inputs per group (depthwise): assembling by output channel would be products of width 1
+        return "loop" if geo.weight_shape[1] >= LOOP_MIN_INPUTS else "grouped"
     if several and mix_is_cheap(geo, cells_shape, out_size):
         return "mix"
     return "grouped"
@@ -485,6 +487,9 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
 # How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
 MIX_ADVANTAGE = 2.5
+# Input channels per group below which ``auto`` on CPU keeps ``grouped`` (a depthwise convolution
+# of B samples is one depthwise convolution of B * C channels there).
+LOOP_MIN_INPUTS = 8
 
 
 def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
