@@ -121,7 +121,12 @@ def test_choose_path_by_shape():
         assert choose_path(last, cells, batch, size) == "loop"
     assert choose_path(depthwise, (12, 32, 1, 1, 1), 4, 4) == "grouped"  # one input per group
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100) == "unfold"
-    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "loop"
+    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100 * 100) == "loop"
+    # too little work per sample for a call per sample: as off CPU
+    small = ConvGeometry((9, 1, 1), (8, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert choose_path(small, (56, 8, 8, 1, 1), 64, 4) == "mix"
+    assert choose_path(small, (56, 8, 8, 1, 1), 64, 64) == "grouped"
+    assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "grouped"
     # elsewhere (a GPU): mixing beats assembling where the map is small against the warehouse
     assert choose_path(last, cells, 16, 49, "cuda") == "mix"
     assert choose_path(last, cells, 1, 49, "cuda") == "grouped"     # one sample: assembling writes little

@@ -77,11 +77,12 @@ def execution_path(path: str) -> Iterator[None]:
 def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
                      weight_shape: Sequence[int]) -> torch.Tensor:
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
-    batch, dims = attention.shape[0], cells.dim() - 3
-    mixed = torch.matmul(attention, cells.reshape(cells.shape[0], -1))
-    mixed = mixed.reshape(batch, *grid, *cells.shape[1:])
-    # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
-    mixed = mixed.permute(0, 2, 4, 3, 5, 1, *range(6, 6 + dims))
+    batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
+    # one product per output channel of the cells, which is how the warehouse is stored
+    mixed = torch.bmm(attention.reshape(1, -1, num).expand(c_out, -1, -1), _by_output(cells))
+    mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
+    # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
+    mixed = mixed.permute(1, 3, 0, 4, 5, 2, *range(6, 6 + dims))
     return mixed.reshape(batch, *weight_shape)
 
 
@@ -464,12 +465,13 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
     Per sample, assembling costs n |W| multiply-adds and convolving L |W|; ``mix`` costs
     n L |W| / (spatial blocks * input blocks). A pointwise convolution of a batch is one batched
-    matrix product (``unfold``), and a depthwise one of B samples a depthwise convolution of B * C
-    channels (``grouped``). Every other layer on CPU assembles one sample at a time (``loop``): each
-    weight stays in cache, and it beats the grouped convolution by up to 5x in a ResNet's last
-    stages, and a plain convolution of one weight assembled in the usual order by up to 2x
-    (benchmarks/layers.py measures this). Elsewhere, where one grouped convolution is fast, ``mix``
-    takes layers whose map is small against the warehouse.
+    matrix product (``unfold``). On CPU, a layer with work enough per sample assembles one sample at
+    a time (``loop``): each weight stays in cache, and it beats the grouped convolution by up to 5x
+    in a ResNet's last stages, and a plain convolution of one weight assembled in the usual order by
+    up to 2x (benchmarks/layers.py measures this). Depthwise layers (a depthwise convolution of B
+    samples is one of B * C channels) and small ones (tiny maps, few channels), and every layer off
+    CPU, where one grouped convolution is fast, take ``mix`` where the map is small against the
+    warehouse and ``grouped`` otherwise.
     """
     if not geo.dims:
         return "grouped"
@@ -478,8 +480,11 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     if several and math.prod(geo.weight_shape[2:]) == 1:
         return "unfold"
     if device_type == "cpu" and not compiling:
-        # few inputs per group (depthwise): assembling by output channel would be products of width 1
-        return "loop" if geo.weight_shape[1] >= LOOP_MIN_INPUTS else "grouped"
+        # not with few inputs per group (depthwise: products of width 1 by output channel), nor with
+        # little work per sample (small maps of small layers: the calls per sample would dominate)
+        work = (cells_shape[0] + out_size) * math.prod(geo.weight_shape)
+        if geo.weight_shape[1] >= LOOP_MIN_INPUTS and work >= LOOP_MIN_MACS:
+            return "loop"
     if several and mix_is_cheap(geo, cells_shape, out_size):
         return "mix"
     return "grouped"
@@ -487,9 +492,11 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
 # How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
 MIX_ADVANTAGE = 2.5
-# Input channels per group below which ``auto`` on CPU keeps ``grouped`` (a depthwise convolution
-# of B samples is one depthwise convolution of B * C channels there).
+# Below these, ``auto`` on CPU keeps ``grouped``: input channels per group (a depthwise convolution
+# of B samples is one depthwise convolution of B * C channels there), and multiply-adds per sample
+# (n + L) |W| (a call per sample costs tens of microseconds).
 LOOP_MIN_INPUTS = 8
+LOOP_MIN_MACS = 1 << 23
 
 
 def kw_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
