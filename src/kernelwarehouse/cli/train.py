@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(config, resume=resume, progress=args.progress)
         history = trainer.fit()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its process group down while another still talks to it
     except FloatingPointError as error:
         raise CommandError(str(error)) from None
     finally:

@@ -135,9 +135,10 @@ def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
                  dilation: Sequence[int], groups: int) -> torch.Tensor:
     """Per-sample convolution as a batched matrix product over shifted input views."""
     batch, c_out = weight.shape[:2]
+    patch = math.prod(weight.shape[2:])  # explicit sizes: a batch left free by the compiler divides nothing
     cols, size = _shifted(x, weight.shape[3:], stride, padding, dilation)
-    cols = cols.reshape(batch, groups, -1, math.prod(size))
-    out = torch.matmul(weight.reshape(batch, groups, c_out // groups, -1), cols)
+    cols = cols.reshape(batch, groups, patch, math.prod(size))
+    out = torch.matmul(weight.reshape(batch, groups, c_out // groups, patch), cols)
     return out.reshape(batch, c_out, *size)
 
 
