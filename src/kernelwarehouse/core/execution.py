@@ -203,7 +203,8 @@ def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, ge
     per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
     while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
         step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
-    if step == channels:  # the whole weight at once: one convolution per sample
+    if geo.groups > 1 or geo.grid[1] * channels * per_channel <= LOOP_SLICE_ELEMENTS:
+        # the whole weight at once: one convolution per sample
         outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
                      geo.dilation, geo.groups) for b in range(batch)]
         return outs[0] if batch == 1 else torch.cat(outs)
