@@ -494,7 +494,7 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 
 # How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
 MIX_ADVANTAGE = 2.5
-# Below these, ``auto`` on CPU keeps ``grouped``: input channels per group (a depthwise convolution
+# Below these, ``auto`` on CPU does not take ``loop``: input channels per group (a depthwise convolution
 # of B samples is one depthwise convolution of B * C channels there), and multiply-adds per sample
 # (n + L) |W| (a call per sample costs tens of microseconds).
 LOOP_MIN_INPUTS = 8
