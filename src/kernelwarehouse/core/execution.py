@@ -79,7 +79,7 @@ def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequenc
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
     batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
     # one product per output channel of the cells, which is how the warehouse is stored
-    mixed = torch.bmm(attention.reshape(1, -1, num).expand(c_out, -1, -1), _by_output(cells))
+    mixed = _mix_rows(attention.reshape(-1, num), _by_output(cells))
     mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
     # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
     mixed = mixed.permute(1, 3, 0, 4, 5, 2, *range(6, 6 + dims))
@@ -147,6 +147,11 @@ def _by_output(cells: torch.Tensor) -> torch.Tensor:
     return cells.reshape(cells.shape[0], cells.shape[1], -1).transpose(0, 1)
 
 
+def _mix_rows(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
+    """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d)."""
+    return torch.bmm(rows.expand(by_output.shape[0], -1, -1), by_output)
+
+
 def _sample_rows(attention: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """One sample's (m, n) mixture weights as (output block, spatial * input block, n)."""
     spatial, out_blocks, in_blocks = geo.grid
@@ -168,9 +173,7 @@ def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGe
     fastest: (output channel, kernel offset, input channel) for spatially split cells, which is a
     channels-last weight, else the plain (output, input, kernel) order. Either way one batched
     product per output block, ``W[o] = a @ E[o]``, and no reordering copy."""
-    rows = _sample_rows(attention, geo)
-    channels = by_output.shape[0]
-    products = [torch.bmm(r.expand(channels, -1, -1), by_output) for r in rows]
+    products = [_mix_rows(r, by_output) for r in _sample_rows(attention, geo)]
     return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
 
 
@@ -187,7 +190,7 @@ def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_ou
     grad_rows = []
     for o in range(out_blocks):
         grad_rows.append(torch.bmm(grad_weight[o], by_output.transpose(1, 2)).sum(0))
-        grad_by_output.baddbmm_(rows[o].t().expand(c_out, -1, -1), grad_weight[o])
+        grad_by_output.baddbmm_(rows[o].t().expand(c_out, -1, -1), grad_weight[o])  # += a^T dW per channel
     grad_rows = torch.stack(grad_rows).reshape(out_blocks, spatial, in_blocks, num).transpose(0, 1)
     return grad_rows.reshape(-1, num)
 
@@ -213,8 +216,8 @@ def _loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, ge
     for block in range(geo.grid[1]):
         for start in range(0, channels, step):
             part = by_output[start:start + step]
-            outs = [conv(x[b:b + 1], _as_weight(torch.bmm(rows[b][block].expand(part.shape[0], -1, -1), part), geo),
-                         None, geo.stride, geo.padding, geo.dilation) for b in range(batch)]
+            outs = [conv(x[b:b + 1], _as_weight(_mix_rows(rows[b][block], part), geo), None, geo.stride,
+                         geo.padding, geo.dilation) for b in range(batch)]
             slices.append(outs[0] if batch == 1 else torch.cat(outs))
     return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
