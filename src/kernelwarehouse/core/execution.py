@@ -78,12 +78,17 @@ def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequenc
                      weight_shape: Sequence[int]) -> torch.Tensor:
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
     batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
+    kernel = range(6, 6 + dims)
+    if torch.compiler.is_compiling():  # the compiler cannot batch the shared rows over a free batch
+        mixed = torch.matmul(attention.reshape(-1, num), cells.reshape(num, -1))
+        mixed = mixed.reshape(batch, *grid, *cells.shape[1:])
+        # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
+        return mixed.permute(0, 2, 4, 3, 5, 1, *kernel).reshape(batch, *weight_shape)
     # one product per output channel of the cells, which is how the warehouse is stored
     mixed = _mix_rows(attention.reshape(-1, num), _by_output(cells))
     mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
     # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
-    mixed = mixed.permute(1, 3, 0, 4, 5, 2, *range(6, 6 + dims))
-    return mixed.reshape(batch, *weight_shape)
+    return mixed.permute(1, 3, 0, 4, 5, 2, *kernel).reshape(batch, *weight_shape)
 
 
 def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
@@ -418,8 +423,14 @@ def _mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     run as a pointwise convolution (on CPU the convolution library does it twice as fast as a
     matrix product)."""
     features, size = _mix_features(x, attention, geo, cells.shape)
-    out = F.conv2d(features, _mix_weight(cells))
-    return out.reshape(x.shape[0], -1, *size)
+    weight = _mix_weight(cells)
+    if torch.compiler.is_compiling():  # the compiler mistakes the strides of a width-1 channels-last map
+        rows = features.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+        out = torch.matmul(rows, weight.flatten(1).t())
+        out = out.reshape(features.shape[0], math.prod(size), weight.shape[0]).transpose(1, 2)
+    else:
+        out = F.conv2d(features, weight)
+    return out.reshape(x.shape[0], geo.grid[1] * weight.shape[0], *size)
 
 
 def _mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,

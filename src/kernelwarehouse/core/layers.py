@@ -6,6 +6,7 @@ with ``plan=`` and ``warehouse=`` (see :mod:`kernelwarehouse.core.build`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -168,7 +169,8 @@ class KWLinear(KWLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         unbatched = x.dim() == 1
-        tokens = x.reshape(1 if unbatched else x.shape[0], -1, self.in_features)
+        count = math.prod(x.shape[1:-1])  # tokens per sample, explicit so a free batch needs no guard
+        tokens = x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
         attention = self.mixture(tokens.mean(dim=1))
         out = kw_conv(tokens, attention, self.warehouse.weight, self.bias, self._geometry)
         return out.reshape(*x.shape[:-1], self.out_features)
