@@ -445,10 +445,10 @@ def _mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
     per_sample = geo.grid[1] * math.prod(grad.shape[2:]) * weight.shape[1]
     for part in _chunks(x.shape[0], per_sample):
         with torch.enable_grad():
-            inputs = [attention[part].detach().requires_grad_()]
-            if grad_x is not None:
-                inputs.append(x[part].detach().requires_grad_())
-            features, _ = _mix_features(inputs[-1] if grad_x is not None else x[part], inputs[0], geo, cells.shape)
+            mixture = attention[part].detach().requires_grad_()
+            sample = x[part].detach().requires_grad_(grad_x is not None)
+            features, _ = _mix_features(sample, mixture, geo, cells.shape)
+        inputs = [mixture, sample] if grad_x is not None else [mixture]
         out_grad = grad[part].reshape(features.shape[0], weight.shape[0], -1, 1)
         grad_features, part_weight, _ = torch.ops.aten.convolution_backward(
             out_grad, features.detach(), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
