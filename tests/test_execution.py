@@ -180,15 +180,15 @@ def test_reference_fixtures_reproduce_on_every_path(path):
 
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_groups", "linear_tokens"])
 def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
-    import kernelwarehouse.core.execution as execution
+    import kernelwarehouse.core.per_sample as per_sample
     torch.manual_seed(2)
     cls, kwargs, shape = CASES[case]
     layer = cls(**kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
     weight_numel = torch.Size(layer.weight_shape).numel()
-    monkeypatch.setattr(execution, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
-    assert len(execution._chunks(shape[0], weight_numel)) > 1
+    monkeypatch.setattr(per_sample, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
+    assert len(per_sample.batch_chunks(shape[0], weight_numel)) > 1
     for path in ("grouped", "unfold"):
         out, grads = run(layer, x, path)
         assert relative(out, ref_out) < 1e-5
@@ -198,13 +198,14 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_blocks", "conv3d", "conv2d_whole_kernel_cells"])
 def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
     import kernelwarehouse.core.execution as execution
+    import kernelwarehouse.core.loop as loop
     torch.manual_seed(5)
     cls, kwargs, shape = CASES[case]
     kwargs = {**kwargs, "out_channels": 64}
     layer = cls(**kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
-    monkeypatch.setattr(execution, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
+    monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
     for backward_by_sample in (False, True):
         if backward_by_sample:
             monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)
@@ -217,6 +218,7 @@ def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
 def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
     """Where the map is small against the warehouse, the loop path's backward takes the mix form."""
     import kernelwarehouse.core.execution as execution
+    import kernelwarehouse.core.per_sample as per_sample
     torch.manual_seed(6)
     layer = kw.KWConv2d(16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5,
                         cell_inplane_ratio=0.5).double().train()
@@ -224,9 +226,9 @@ def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
     assert execution.mix_is_cheap(layer._geometry, layer.warehouse.weight.shape, 9)
     ref_out, ref_grads = run(layer, x, "reference")
     if chunked:
-        monkeypatch.setattr(execution, "CHUNK_ELEMENTS", 1)   # one sample per chunk
+        monkeypatch.setattr(per_sample, "CHUNK_ELEMENTS", 1)   # one sample per chunk
     calls = []
-    monkeypatch.setattr(execution, "_loop_backward", lambda *a: calls.append(a))
+    monkeypatch.setattr(execution, "loop_backward", lambda *a: calls.append(a))
     out, grads = run(layer, x, "loop")
     assert not calls
     assert relative(out, ref_out) < 1e-5

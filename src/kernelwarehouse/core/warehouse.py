@@ -21,7 +21,7 @@ class Warehouse(nn.Module):
         self.plan = plan
         self.name = plan.name
         # Stored output channel first: the n cells' rows for one output channel lie together, the
-        # order in which one sample's weight is assembled (see ``execution._sample_weight``).
+        # order in which one sample's weight is assembled (see ``loop._sample_weight``).
         c_out, *rest = plan.cell_shape
         self.weight = nn.Parameter(torch.empty(c_out, plan.num_cells, *rest).transpose(0, 1))
         self.owned = tuple(owned) or ((0, plan.num_cells),)

@@ -1,0 +1,56 @@
+"""Assembly: per-sample weights from mixture weights and cells, and back.
+
+Cells of a layer are numbered (spatial block, output block, input block); cell (s, o, i) fills
+``W[o*c_out:(o+1)*c_out, i*c_in:(i+1)*c_in]`` at kernel position s (row-major), or the whole
+kernel when cells are not split spatially.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
+                     weight_shape: Sequence[int]) -> torch.Tensor:
+    """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
+    batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
+    kernel = range(6, 6 + dims)
+    if torch.compiler.is_compiling():  # the compiler cannot batch the shared rows over a free batch
+        mixed = torch.matmul(attention.reshape(-1, num), cells.reshape(num, -1))
+        mixed = mixed.reshape(batch, *grid, *cells.shape[1:])
+        # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
+        return mixed.permute(0, 2, 4, 3, 5, 1, *kernel).reshape(batch, *weight_shape)
+    # one product per output channel of the cells, which is how the warehouse is stored
+    mixed = mix_rows(attention.reshape(-1, num), cells_by_output(cells))
+    mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
+    # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
+    return mixed.permute(1, 3, 0, 4, 5, 2, *kernel).reshape(batch, *weight_shape)
+
+
+
+def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of assembly: (*weight_shape) -> (m, *cell_shape), or with a leading batch
+    dimension (B, *weight_shape) -> (B, m, *cell_shape)."""
+    dims = len(cell_shape) - 2
+    batch = weight.shape[:weight.dim() - dims - 2]
+    lead = len(batch)
+    spatial, out_blocks, in_blocks = grid
+    c_out, c_in = cell_shape[:2]
+    # (out, c_out, in, c_in, spatial, *k) -> (spatial, out, in, c_out, c_in, *k)
+    cells = weight.reshape(*batch, out_blocks, c_out, in_blocks, c_in, spatial, *cell_shape[2:])
+    order = [lead + d for d in (4, 0, 2, 1, 3)] + [lead + 5 + d for d in range(dims)]
+    cells = cells.permute(*range(lead), *order)
+    return cells.reshape(*batch, spatial * out_blocks * in_blocks, *cell_shape)
+
+
+
+def cells_by_output(cells: torch.Tensor) -> torch.Tensor:
+    """(n, c_out, c_in, *k_cell) cells as a (c_out, n, c_in * k_cell) view: one matrix per output channel."""
+    return cells.reshape(cells.shape[0], cells.shape[1], -1).transpose(0, 1)
+
+
+
+def mix_rows(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
+    """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d)."""
+    return torch.bmm(rows.expand(by_output.shape[0], -1, -1), by_output)

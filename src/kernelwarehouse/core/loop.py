@@ -1,0 +1,105 @@
+"""The ``loop`` execution path: one sample at a time, its weight assembled output channel by
+output channel in the order a convolution reads fastest, then one plain convolution.
+"""
+from __future__ import annotations
+
+import torch
+
+from .assembly import cells_by_output, mix_rows
+from .per_sample import CONV, ConvGeometry, weight_backward
+
+
+def _sample_rows(attention: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """One sample's (m, n) mixture weights as (output block, spatial * input block, n)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    rows = attention.reshape(spatial, out_blocks, in_blocks, -1).transpose(0, 1)
+    return rows.reshape(out_blocks, spatial * in_blocks, -1)
+
+
+
+def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """(c, spatial * input block, c_in * k) products of mixture rows and cells -> (c, I/groups, *k)
+    weights of c output channels, channels-last for spatially split cells, without a copy."""
+    channels, c_in = products.shape[0], geo.weight_shape[1]
+    if geo.grid[0] == 1:
+        return products.reshape(channels, *geo.weight_shape[1:])
+    return products.reshape(channels, *geo.weight_shape[2:], c_in).movedim(-1, 1)
+
+
+
+def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """One sample's weight from its (m, n) mixture weights, built in the order a convolution reads
+    fastest: (output channel, kernel offset, input channel) for spatially split cells, which is a
+    channels-last weight, else the plain (output, input, kernel) order. Either way one batched
+    product per output block, ``W[o] = a @ E[o]``, and no reordering copy."""
+    products = [mix_rows(r, by_output) for r in _sample_rows(attention, geo)]
+    return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
+
+
+
+def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_output: torch.Tensor,
+                       geo: ConvGeometry, grad_by_output: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_sample_weight` for gradients: from one sample's weight gradient, return
+    the gradient of its (m, n) mixture weights and add its share to the cells' (c_out, n, c_in * k)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    c_out, num = by_output.shape[:2]
+    if spatial > 1:
+        grad_weight = grad_weight.movedim(1, -1)  # (O, *k, I): the order _sample_weight built
+    grad_weight = grad_weight.reshape(out_blocks, c_out, spatial * in_blocks, -1)
+    rows = _sample_rows(attention, geo)
+    grad_rows = []
+    for o in range(out_blocks):
+        grad_rows.append(torch.bmm(grad_weight[o], by_output.transpose(1, 2)).sum(0))
+        grad_by_output.baddbmm_(rows[o].t().expand(c_out, -1, -1), grad_weight[o])  # += a^T dW per channel
+    grad_rows = torch.stack(grad_rows).reshape(out_blocks, spatial, in_blocks, num).transpose(0, 1)
+    return grad_rows.reshape(-1, num)
+
+
+
+def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution.
+
+    Without groups, a large weight (a ResNet's last stage) is built and applied a slice of output
+    channels at a time, so that the slice, the convolution's copy of it and the cells it reads share
+    the cache; the slices go outside, the samples inside, so each slice of cells is read once."""
+    by_output, conv, batch = cells_by_output(cells), CONV[geo.dims], x.shape[0]
+    channels = step = by_output.shape[0]
+    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
+        step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
+    if geo.groups > 1 or geo.grid[1] * channels * per_channel <= LOOP_SLICE_ELEMENTS:
+        # the whole weight at once: one convolution per sample
+        outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
+                     geo.dilation, geo.groups) for b in range(batch)]
+        return outs[0] if batch == 1 else torch.cat(outs)
+    rows = [_sample_rows(attention[b], geo) for b in range(batch)]
+    slices = []
+    for block in range(geo.grid[1]):
+        for start in range(0, channels, step):
+            part = by_output[start:start + step]
+            outs = [conv(x[b:b + 1], _as_weight(mix_rows(rows[b][block], part), geo), None, geo.stride,
+                         geo.padding, geo.dilation) for b in range(batch)]
+            slices.append(outs[0] if batch == 1 else torch.cat(outs))
+    return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
+
+
+
+# Weight elements :func:`loop_conv` builds and applies at once, measured on CPU: a 256x256x3x3
+# weight in one piece, a 512x512x3x3 one in slices of 128 output channels.
+LOOP_SLICE_ELEMENTS = 600_000
+
+
+
+def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                   geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`loop_conv`, sample by sample; fills grad_x and grad_attention, returns the
+    cells' gradient."""
+    by_output = cells_by_output(cells)
+    grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
+    for b in range(x.shape[0]):
+        weight = _sample_weight(attention[b], by_output, geo)
+        gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None)
+        if grad_x is not None:
+            grad_x[b] = gx[0]
+        grad_attention[b] = _sample_cell_grads(gw[0], attention[b], by_output, geo, grad_by_output)
+    return grad_by_output.transpose(0, 1).reshape(cells.shape)
