@@ -1,5 +1,6 @@
 """kw.convert on models we did not write: warm start, parameter bound, grouping, bad input."""
 import copy
+import importlib.util
 import math
 import pathlib
 import re
@@ -15,28 +16,12 @@ from kernelwarehouse.core.layers import KWLayer
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-WARM_START_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny", "efficientnet_b0",
-                     "deit_tiny_patch16_224"]
-
-
-def build(name: str) -> nn.Module:
-    """A randomly initialised model whose BatchNorm statistics match random inputs (torchvision's
-    MobileNet / EfficientNet otherwise shrink activations to ~1e-14 in eval mode at init)."""
-    torch.manual_seed(0)
-    if name.startswith("deit"):
-        return timm.create_model(name).eval()
-    model = getattr(torchvision.models, name)()
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            bn.reset_running_stats()
-            bn.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, 64, 64))
-    return model.eval()
-
-
-def sample(name: str) -> torch.Tensor:
-    return torch.randn(2, 3, 224, 224) if name.startswith("deit") else torch.randn(2, 3, 64, 64)
+# the models, their initialisation and inputs behind the README's conversion table
+_spec = importlib.util.spec_from_file_location(
+    "convert_table", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "convert_table.py")
+convert_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_table)
+WARM_START_MODELS, build, sample = convert_table.MODELS, convert_table.build, convert_table.sample
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
