@@ -63,7 +63,7 @@ def mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, 
     """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
     the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
     by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
-    chunks of :data:`CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
+    chunks of :data:`.per_sample.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
     cells' gradient."""
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
