@@ -5,7 +5,8 @@
 
 Every figure is a median of interleaved repeats, as a ratio to the static model timed in the same
 process; ``reference`` is the reference implementation's scheme (B assembled weights kept for
-backward, one convolution with groups = B), ``auto`` this package's default execution.
+backward, one convolution with groups = B), ``auto`` this package's default execution, and
+``auto-pytorch`` the same without the native CPU kernels (what a machine without a C compiler runs).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None)
-    parser.add_argument("--paths", default="auto,reference", help="comma-separated execution paths")
+    parser.add_argument("--paths", default="auto,reference",
+                        help="comma-separated execution paths; auto-pytorch: auto without the native kernels")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         results[path] = benchmark("kw_resnet18", 1, batch_size=args.batch_size, image_size=224,
                                   device=args.device, threads=args.threads if args.device == "cpu" else None,
                                   repeats=args.repeats, memory_batch_size=args.memory_batch_size, tau=0.5,
-                                  path=path, amp=args.amp)
+                                  path=path.removesuffix("-pytorch"), amp=args.amp,
+                                  native_kernels=not path.endswith("-pytorch"))
         print(f"done: {path}", file=sys.stderr)
     first = next(iter(results.values()))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

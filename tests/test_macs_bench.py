@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import kernelwarehouse.native
 from kernelwarehouse.bench import benchmark, peak_memory
 from kernelwarehouse.cli import main
 
@@ -36,6 +37,15 @@ def test_kw_bench_cli_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["static"].endswith("resnet18") and "peak train memory b32" not in result["figures"]
     assert result["figures"]["macs"]["ratio"] > 1
+    assert result["native_kernels"] == kernelwarehouse.native.available()
+
+
+def test_kw_bench_without_native_kernels(capsys, monkeypatch):
+    used = []
+    monkeypatch.setattr(kernelwarehouse.native, "mix_rows", lambda *a, **k: used.append(1))
+    assert main(["bench", "--model", "kw_resnet18", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
+                 "--memory-batch-size", "0", "--no-native", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["native_kernels"] is False and not used
 
 
 def test_kw_bench_cli_errors(capsys):

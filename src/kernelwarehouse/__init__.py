@@ -4,7 +4,7 @@ from .core import __all__ as _core_all
 
 __version__ = "0.1.0"
 
-from . import detection  # noqa: E402
+from . import detection, native  # noqa: E402
 from .baselines import CondConv2d, DynamicConv2d, ODConv2d, set_baseline_temperature  # noqa: E402
 from .bench import MacCount, count_macs  # noqa: E402
 from .compat import load_reference_state_dict, model_from_reference_config  # noqa: E402

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .. import native
 from ..core.execution import execution_path
 from ..core.temperature import set_temperature
 from ..models.registry import create_model, format_budget, model_entry, parse_budget
@@ -84,9 +85,11 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: to
 
 def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16, image_size: int = 224,
               device: str = "cpu", threads: int | None = None, repeats: int = 5, memory_batch_size: int | None = 32,
-              tau: float = 0.5, path: str = "auto", amp: str | None = None, seed: int = 0) -> dict[str, Any]:
+              tau: float = 0.5, path: str = "auto", amp: str | None = None, seed: int = 0,
+              native_kernels: bool = True) -> dict[str, Any]:
     """Params, MACs, inference latency (``batch_size`` and 1), training-step latency and peak training
-    memory (``memory_batch_size``) of ``model`` at ``budget``, each beside the static counterpart's."""
+    memory (``memory_batch_size``) of ``model`` at ``budget``, each beside the static counterpart's.
+    ``native_kernels=False`` times PyTorch's products in place of :mod:`kernelwarehouse.native`."""
     if batch_size < 1 or repeats < 1 or image_size < 32:
         raise ValueError(f"batch_size and repeats must be >= 1 and image_size >= 32, got "
                          f"{batch_size}, {repeats}, {image_size}")
@@ -111,7 +114,8 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
     result: dict[str, Any] = {
         "model": model, "budget": variant, "static": static_name, "device": str(dev),
         "threads": torch.get_num_threads(), "image_size": image_size, "batch_size": batch_size, "tau": tau,
-        "path": path, "amp": amp, "figures": {}}
+        "path": path, "amp": amp, "native_kernels": native_kernels and dev.type == "cpu" and native.available(),
+        "figures": {}}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
     figures = result["figures"]
 
@@ -120,7 +124,8 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
 
     add("params", "M", sum(p.numel() for p in kw_model.parameters()) / 1e6,
         sum(p.numel() for p in static.parameters()) / 1e6)
-    add("macs", "G", count_macs(kw_model, shape).total / 1e9, count_macs(static, shape).total / 1e9)
+    with native.enabled(native_kernels):
+        add("macs", "G", count_macs(kw_model, shape).total / 1e9, count_macs(static, shape).total / 1e9)
 
     def compare(name: str, make: Callable[[nn.Module], Callable[[], Any]]) -> None:
         fns = [make(kw_model), make(static)]
@@ -156,7 +161,7 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
             return run
         return make
 
-    with execution_path(path):
+    with execution_path(path), native.enabled(native_kernels):
         compare(f"inference b{batch_size}", inference(batch_size))
         if batch_size != 1:
             compare("inference b1", inference(1))

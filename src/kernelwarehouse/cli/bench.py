@@ -17,13 +17,14 @@ def run(args: argparse.Namespace) -> int:
     result = benchmark(args.model, args.budget, batch_size=args.batch_size, image_size=args.image_size,
                        device=args.device, threads=args.threads, repeats=args.repeats,
                        memory_batch_size=args.memory_batch_size or None, tau=args.tau, path=args.path,
-                       amp=args.amp)
+                       amp=args.amp, native_kernels=not args.no_native)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['model']} {result['budget']} vs {result['static']} on {result['device']} "
           f"({result['threads']} threads), {result['image_size']}px, tau={result['tau']}, path={result['path']}"
-          + (f", amp={result['amp']}" if result["amp"] else ""))
+          + (f", amp={result['amp']}" if result["amp"] else "")
+          + (", native kernels" if result["native_kernels"] else ""))
     print(format_table(result))
     print("\nratios are medians of interleaved repeats in this process; absolute times depend on the machine")
     return 0
@@ -43,5 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tau", type=float, default=0.5, help="attention temperature")
     parser.add_argument("--path", choices=PATHS, default="auto", help="execution path (default auto)")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
+    parser.add_argument("--no-native", action="store_true",
+                        help="PyTorch's products in place of the native CPU kernels (kernelwarehouse.native)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from .. import native
+
 
 def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
                      weight_shape: Sequence[int]) -> torch.Tensor:
@@ -51,6 +53,21 @@ def cells_by_output(cells: torch.Tensor) -> torch.Tensor:
 
 
 
-def mix_rows(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
-    """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d)."""
-    return torch.bmm(rows.expand(by_output.shape[0], -1, -1), by_output)
+def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None,
+             accumulate: bool = False) -> torch.Tensor:
+    """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d), written to
+    ``out`` when given, or added to it with ``accumulate``. By the native kernel where it applies
+    (:mod:`kernelwarehouse.native`)."""
+    if native.applies(rows, by_output, *([] if out is None else [out])):
+        return native.mix_rows(rows, by_output, out, accumulate)
+    rows = rows.expand(by_output.shape[0], -1, -1)
+    if accumulate:
+        return out.baddbmm_(rows, by_output)
+    return torch.bmm(rows, by_output, out=out)
+
+
+def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`mix_rows` with respect to its rows, from its output's (c, r, d): (r, n)."""
+    if native.applies(grad, by_output):
+        return native.rows_gradient(grad, by_output)
+    return torch.bmm(grad, by_output.transpose(1, 2)).sum(0)

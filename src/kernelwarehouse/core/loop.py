@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .assembly import cells_by_output, mix_rows
+from .assembly import cells_by_output, mix_rows, rows_gradient
 from .per_sample import CONV, ConvGeometry, weight_backward
 
 
@@ -27,13 +27,30 @@ def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
 
 
 
-def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """One sample's weight from its (m, n) mixture weights, built in the order a convolution reads
     fastest: (output channel, kernel offset, input channel) for spatially split cells, which is a
-    channels-last weight, else the plain (output, input, kernel) order. Either way one batched
-    product per output block, ``W[o] = a @ E[o]``, and no reordering copy."""
-    products = [mix_rows(r, by_output) for r in _sample_rows(attention, geo)]
-    return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
+    channels-last weight, else the plain (output, input, kernel) order. Either way one product per
+    output block, ``W[o] = a @ E[o]``, and no reordering copy. ``out``: a buffer from
+    :func:`_weight_buffer` to build it in (fresh large allocations cost page faults, per sample)."""
+    rows = _sample_rows(attention, geo)
+    if out is None:
+        products = [mix_rows(r, by_output) for r in rows]
+        return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
+    channels = by_output.shape[0]
+    for block, block_rows in enumerate(rows):
+        mix_rows(block_rows, by_output, out=out[block * channels:(block + 1) * channels])
+    return _as_weight(out, geo)
+
+
+
+def _weight_buffer(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor | None:
+    """Room for the (output block * c, spatial * input block, d) products of :func:`_sample_weight`
+    (None under autocast, whose products choose their own type)."""
+    if torch.is_autocast_enabled(by_output.device.type):
+        return None
+    return by_output.new_empty(rows.shape[0] * by_output.shape[0], rows.shape[1], by_output.shape[2])
 
 
 
@@ -49,8 +66,8 @@ def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_ou
     rows = _sample_rows(attention, geo)
     grad_rows = []
     for o in range(out_blocks):
-        grad_rows.append(torch.bmm(grad_weight[o], by_output.transpose(1, 2)).sum(0))
-        grad_by_output.baddbmm_(rows[o].t().expand(c_out, -1, -1), grad_weight[o])  # += a^T dW per channel
+        grad_rows.append(rows_gradient(grad_weight[o], by_output))
+        mix_rows(rows[o].t(), grad_weight[o], out=grad_by_output, accumulate=True)  # += a^T dW per channel
     grad_rows = torch.stack(grad_rows).reshape(out_blocks, spatial, in_blocks, num).transpose(0, 1)
     return grad_rows.reshape(-1, num)
 
@@ -68,17 +85,20 @@ def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
         step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
     if geo.groups > 1 or geo.grid[1] * channels * per_channel <= LOOP_SLICE_ELEMENTS:
-        # the whole weight at once: one convolution per sample
-        outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo), None, geo.stride, geo.padding,
-                     geo.dilation, geo.groups) for b in range(batch)]
+        # the whole weight at once: one convolution per sample, each weight built in the same buffer
+        buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
+        outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo, buffer), None, geo.stride,
+                     geo.padding, geo.dilation, geo.groups) for b in range(batch)]
         return outs[0] if batch == 1 else torch.cat(outs)
     rows = [_sample_rows(attention[b], geo) for b in range(batch)]
+    buffer = _weight_buffer(rows[0][:1], by_output[:step])
     slices = []
     for block in range(geo.grid[1]):
         for start in range(0, channels, step):
             part = by_output[start:start + step]
-            outs = [conv(x[b:b + 1], _as_weight(mix_rows(rows[b][block], part), geo), None, geo.stride,
-                         geo.padding, geo.dilation) for b in range(batch)]
+            weight = None if buffer is None else buffer[:part.shape[0]]
+            outs = [conv(x[b:b + 1], _as_weight(mix_rows(rows[b][block], part, out=weight), geo), None,
+                         geo.stride, geo.padding, geo.dilation) for b in range(batch)]
             slices.append(outs[0] if batch == 1 else torch.cat(outs))
     return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
@@ -96,8 +116,9 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
     cells' gradient."""
     by_output = cells_by_output(cells)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
+    buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
     for b in range(x.shape[0]):
-        weight = _sample_weight(attention[b], by_output, geo)
+        weight = _sample_weight(attention[b], by_output, geo, buffer)
         gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None)
         if grad_x is not None:
             grad_x[b] = gx[0]
