@@ -216,8 +216,10 @@ def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
-    """Where the map is small against the warehouse, the loop path's backward takes the mix form."""
+    """Where the map is small against the warehouse (and slices are not taken), the loop path's
+    backward takes the mix form."""
     import kernelwarehouse.core.execution as execution
+    import kernelwarehouse.core.loop as loop
     import kernelwarehouse.core.per_sample as per_sample
     torch.manual_seed(6)
     layer = kw.KWConv2d(16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5,
@@ -227,10 +229,35 @@ def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
     ref_out, ref_grads = run(layer, x, "reference")
     if chunked:
         monkeypatch.setattr(per_sample, "CHUNK_ELEMENTS", 1)   # one sample per chunk
+    monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 0)
     calls = []
     monkeypatch.setattr(execution, "loop_backward", lambda *a: calls.append(a))
     out, grads = run(layer, x, "loop")
     assert not calls
+    assert relative(out, ref_out) < 1e-5
+    assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_blocks", "conv2d_whole_kernel_cells", "conv1d", "conv3d"])
+@pytest.mark.parametrize("by_slices", [False, True])
+def test_loop_backward_by_slices_or_by_sample(monkeypatch, case, by_slices):
+    """Small maps without groups take the backward by slices of output channels, the rest sample by
+    sample; both give the reference gradients."""
+    import kernelwarehouse.core.execution as execution
+    import kernelwarehouse.core.loop as loop
+    torch.manual_seed(8)
+    cls, kwargs, shape = CASES[case]
+    layer = cls(**{**kwargs, "out_channels": 32}).double().train()
+    x = torch.randn(shape, dtype=torch.float64)
+    ref_out, ref_grads = run(layer, x, "reference")
+    monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)
+    monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 10 ** 6 if by_slices else 0)
+    monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)   # several slices of 16 output channels
+    sliced = []
+    original = loop._backward_by_slices
+    monkeypatch.setattr(loop, "_backward_by_slices", lambda *a: sliced.append(1) or original(*a))
+    out, grads = run(layer, x, "loop")
+    assert bool(sliced) == by_slices
     assert relative(out, ref_out) < 1e-5
     assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 

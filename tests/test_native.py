@@ -132,7 +132,8 @@ def test_kernels_share_pytorchs_openmp_runtime(tmp_path):
     (dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=2), (2, 16, 6, 6)),
 ])
 @pytest.mark.parametrize("slices", [False, True])
-def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs, shape, slices):
+@pytest.mark.parametrize("backward_by_slices", [False, True])
+def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs, shape, slices, backward_by_slices):
     import kernelwarehouse.core.execution as execution
     import kernelwarehouse.core.loop as loop
     torch.manual_seed(7)
@@ -144,6 +145,7 @@ def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs,
     monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)   # the per-sample backward
     if slices:
         monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 10 ** 6 if backward_by_slices else 0)
 
     def step(use_native: bool) -> list[torch.Tensor]:
         layer.zero_grad()

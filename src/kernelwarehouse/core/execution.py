@@ -45,7 +45,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .assembly import assemble_weights, split_into_cells
-from .loop import loop_backward, loop_conv
+from .loop import backward_by_slices, loop_backward, loop_conv
 from .mix import mix_backward, mix_conv, mix_is_cheap, mix_supported
 from .per_sample import (CONV, ConvGeometry, add_bias, batch_chunks, conv_per_sample, exporting, grouped_conv,
                          linear_per_sample, unfold_conv, weight_backward)
@@ -106,8 +106,9 @@ class _RecomputedWeights(torch.autograd.Function):
     Saves only x, the mixture weights (B, m, n) and the warehouse, and works through the batch in
     chunks (one sample at a time on the ``loop`` path) so that few assembled weights exist at any
     time. With dW the gradient of a chunk's per-sample weights, split into cells (b, m, cell):
-    d(attention) = dW cells^T and d(cells) = sum_b attention_b^T dW_b. Where ``mix`` is cheap, the
-    ``loop`` path's backward takes the mix form (:func:`mix_backward`) and builds no weight at all.
+    d(attention) = dW cells^T and d(cells) = sum_b attention_b^T dW_b. Where ``mix`` is cheap and the
+    map not small enough for :func:`.loop.backward_by_slices`, the ``loop`` path's backward takes the
+    mix form (:func:`mix_backward`) and builds no weight at all.
     """
 
     @staticmethod
@@ -133,7 +134,8 @@ class _RecomputedWeights(torch.autograd.Function):
         geo: ConvGeometry = ctx.geo
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_attention = torch.empty_like(attention)
-        if ctx.path == "loop" and mix_is_cheap(geo, cells.shape, math.prod(grad.shape[2:])):
+        positions = math.prod(grad.shape[2:])
+        if ctx.path == "loop" and mix_is_cheap(geo, cells.shape, positions) and not backward_by_slices(geo, positions):
             grad_cells = mix_backward(x, attention, cells, grad, geo, grad_x, grad_attention)
         elif ctx.path == "loop":
             grad_cells = loop_backward(x, attention, cells, grad, geo, grad_x, grad_attention)

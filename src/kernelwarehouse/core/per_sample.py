@@ -110,19 +110,31 @@ def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
-                     input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+                    input_grad: bool, weight_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of a per-sample convolution (or linear) with respect to x and the B weights."""
     if not geo.dims:
         flat = weight.flatten(2)
         grad_x = torch.matmul(grad, flat) if input_grad else None
-        return grad_x, torch.matmul(grad.transpose(1, 2), x).reshape(weight.shape)
+        return grad_x, torch.matmul(grad.transpose(1, 2), x).reshape(weight.shape) if weight_grad else None
     batch = x.shape[0]
     merged = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         merged(grad), merged(x), weight.reshape(-1, *weight.shape[2:]), None, list(geo.stride),
         list(geo.padding), list(geo.dilation), False, [0] * geo.dims, geo.groups * batch,
-        [input_grad, True, False])
-    return (grad_x.reshape(x.shape) if input_grad else None), grad_w.reshape(weight.shape)
+        [input_grad, weight_grad, False])
+    return (grad_x.reshape(x.shape) if input_grad else None), (grad_w.reshape(weight.shape) if weight_grad else None)
+
+
+
+def patches(x: torch.Tensor, geo: ConvGeometry, kernel_first: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input patches of a convolution as a (B, L, k * c_in) matrix per sample, in the column
+    order of a channels-last weight (c_out, *k, c_in) with ``kernel_first``, else of (c_out, c_in, *k);
+    and the output size. Differentiable: the gradient of the patches folds back onto x."""
+    kernel = geo.weight_shape[2:]
+    cols, size = shifted_views(x, kernel, geo.stride, geo.padding, geo.dilation, channels_last=True)
+    cols = cols.reshape(x.shape[0], math.prod(size), x.shape[1], math.prod(kernel))  # (B, L, c_in, k)
+    cols = cols.transpose(2, 3) if kernel_first else cols
+    return cols.reshape(x.shape[0], math.prod(size), -1), size
 
 
 
