@@ -77,6 +77,18 @@ def test_mix_rows_matches_float64(rows, num, length):
 
 
 @needs_kernels
+@pytest.mark.parametrize("length", [1, 63, 64, 1000, 4608])
+def test_mix_rows_of_one_channel_is_shared_by_the_threads(length):
+    """With fewer channels than threads, the threads take pieces of the length (a plain product)."""
+    torch.manual_seed(length)
+    a, cells = torch.randn(49, 128), torch.randn(1, 128, length)
+    want = (a.double() @ cells[0].double()).unsqueeze(0)
+    assert relative(mix_rows(a, cells), want) < 1e-6
+    out = torch.ones(1, 49, length)
+    assert relative(mix_rows(a, cells, out=out, accumulate=True), want + 1) < 1e-6
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows,num,length", [(1, 1, 1), (9, 27, 512), (5, 7, 17), (4, 47, 130), (3, 60, 1)])
 def test_rows_gradient_matches_float64_and_repeats_exactly(rows, num, length):
     torch.manual_seed(rows + num + length)

@@ -57,7 +57,7 @@ def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | No
              accumulate: bool = False) -> torch.Tensor:
     """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d), written to
     ``out`` when given, or added to it with ``accumulate``. By the native kernel where it applies
-    (:mod:`kernelwarehouse.native`)."""
+    (:mod:`kernelwarehouse.native`), which serves any product with a small inner dimension n."""
     if native.applies(rows, by_output, *([] if out is None else [out])):
         return native.mix_rows(rows, by_output, out, accumulate)
     rows = rows.expand(by_output.shape[0], -1, -1)

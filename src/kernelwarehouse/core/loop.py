@@ -159,9 +159,9 @@ def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: tor
             for b in range(batch):
                 mix_rows(rows[b][block], part, out=w)
                 dy = grad[b, first:first + size]
-                if grad_cols is not None:
-                    grad_cols[b].addmm_(dy.t(), w.reshape(size, -1))
-                torch.mm(dy, cols[b].detach(), out=gw.reshape(size, -1))
+                if grad_cols is not None:  # the two products have a small inner dimension too: mix_rows
+                    mix_rows(dy.t(), w.reshape(1, size, -1), out=grad_cols[b].unsqueeze(0), accumulate=True)
+                mix_rows(dy, cols[b].detach().unsqueeze(0), out=gw.reshape(1, size, -1))
                 grad_rows[b, block] += rows_gradient(gw, part)
                 mix_rows(rows[b][block].t(), gw, out=grad_part, accumulate=True)
     grad_rows = grad_rows.reshape(batch, out_blocks, spatial, in_blocks, num).transpose(1, 2)

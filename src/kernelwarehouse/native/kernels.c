@@ -57,19 +57,27 @@ static void row_block(int rows_in_block, const float *rows, int n, const float *
 }
 
 /* rows: (num_rows, n) contiguous; cells: (channels, n, length), strides (channel_stride, cell_stride, 1);
- * out: (channels, num_rows, length), strides (out_channel_stride, out_row_stride, 1). */
+ * out: (channels, num_rows, length), strides (out_channel_stride, out_row_stride, 1). The threads share
+ * out the channels, and with fewer channels than threads also pieces of the length. */
 void kw_mix_rows(const float *rows, long num_rows, int n, const float *cells, long channels, long channel_stride,
                  long cell_stride, long length, float *out, long out_channel_stride, long out_row_stride,
                  int accumulate, int threads) {
     const long blocks = (num_rows + MAX_ROWS - 1) / MAX_ROWS;
+    const long step = WIDE * LANES;
+    long pieces = channels >= threads ? 1 : (2 * threads + channels - 1) / channels;
+    long piece = (length / pieces + step - 1) / step * step;
+    if (piece < step) piece = step;
+    pieces = (length + piece - 1) / piece;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long c = 0; c < channels; c++) {
+    for (long task = 0; task < channels * pieces; task++) {
+        const long c = task / pieces, start = task % pieces * piece;
+        const long size = length - start < piece ? length - start : piece;
         long r = 0;
         for (long b = 0; b < blocks; b++) {   /* blocks of near-equal size: 9 rows are 4 + 5, not 6 + 3 */
-            const int size = (int)((num_rows - r) / (blocks - b));
-            row_block(size, rows + r * n, n, cells + c * channel_stride, cell_stride, length,
-                      out + c * out_channel_stride + r * out_row_stride, out_row_stride, accumulate);
-            r += size;
+            const int rows_in_block = (int)((num_rows - r) / (blocks - b));
+            row_block(rows_in_block, rows + r * n, n, cells + c * channel_stride + start, cell_stride, size,
+                      out + c * out_channel_stride + r * out_row_stride + start, out_row_stride, accumulate);
+            r += rows_in_block;
         }
     }
 }
