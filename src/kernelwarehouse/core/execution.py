@@ -28,8 +28,10 @@ function along one of several *paths* (:data:`PATHS`), all equal up to float rou
     one sample at a time: its weight is assembled output channel by output channel, in the order a
     convolution reads fastest, and applied by a plain convolution, a slice of output channels at a
     time for large weights. Every weight stays in cache and nothing of size B |W| exists. Its
-    backward recomputes each weight, or takes the ``mix`` form where that is cheaper. The fastest
-    path on CPU.
+    backward recomputes each weight; on small maps it goes by slices of output channels as products
+    over the input patches (:func:`.loop.backward_by_slices`), elsewhere it takes the ``mix`` form
+    where that is cheaper. The fastest path on CPU, with the native kernels of
+    :mod:`kernelwarehouse.native` for every product whose inner dimension is small.
 
 ``auto`` (the default) picks per call: ``unfold`` under tracing or ONNX export, and otherwise the
 fastest by :func:`choose_path`, with ``unfold`` for ``grouped`` under ``torch.compile`` (so a

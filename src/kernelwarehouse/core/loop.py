@@ -116,11 +116,11 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
     """Backward of :func:`loop_conv`; fills grad_x and grad_attention, returns the cells' gradient.
     Small maps without groups go by :func:`_backward_by_slices`, the rest sample by sample."""
     by_output = cells_by_output(cells)
-    grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
     buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
     if buffer is not None and backward_by_slices(geo, math.prod(grad.shape[2:])):
-        _backward_by_slices(x, attention, by_output, grad, geo, grad_x, grad_attention, grad_by_output)
+        grad_by_output = _backward_by_slices(x, attention, by_output, grad, geo, grad_x, grad_attention)
         return grad_by_output.transpose(0, 1).reshape(cells.shape)
+    grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
     for b in range(x.shape[0]):
         weight = _sample_weight(attention[b], by_output, geo, buffer)
         gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None)
@@ -132,19 +132,20 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
 
 
 def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: torch.Tensor, grad: torch.Tensor,
-                        geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor,
-                        grad_by_output: torch.Tensor) -> None:
+                        geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
     """The backward as matrix products over the input patches (B, L, k * c_in), a slice of output
     channels at a time with the samples inside, like :func:`loop_conv`: each slice of the warehouse
     and of its gradient is swept once for the whole batch, and each sample's slice of weight and
     weight gradient stays in cache. Per slice and sample: W = a E (assembly), dX_cols += dY^T W,
-    dW = dY X_cols, da += dW E^T and dE += a^T dW."""
+    dW = dY X_cols, da += dW E^T and dE += a^T dW. Fills grad_x and grad_attention, returns dE as
+    (c_out, n, d); the first term of each sum is written, not added to zeros."""
     batch, (spatial, out_blocks, in_blocks) = x.shape[0], geo.grid
     channels, num, length = by_output.shape
     with torch.enable_grad():
         inputs = x.detach().requires_grad_(grad_x is not None)
         cols, _ = patches(inputs, geo, kernel_first=spatial > 1)
-    grad_cols = torch.zeros_like(cols) if grad_x is not None else None
+    grad_cols = torch.empty_like(cols) if grad_x is not None else None
+    grad_by_output = torch.empty_like(by_output)
     grad = grad.reshape(batch, geo.weight_shape[0], -1)
     rows = [_sample_rows(attention[b], geo) for b in range(batch)]
     grad_rows = attention.new_zeros(batch, out_blocks, spatial * in_blocks, num)
@@ -160,14 +161,15 @@ def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: tor
                 mix_rows(rows[b][block], part, out=w)
                 dy = grad[b, first:first + size]
                 if grad_cols is not None:  # the two products have a small inner dimension too: mix_rows
-                    mix_rows(dy.t(), w.reshape(1, size, -1), out=grad_cols[b].unsqueeze(0), accumulate=True)
+                    mix_rows(dy.t(), w.reshape(1, size, -1), out=grad_cols[b].unsqueeze(0), accumulate=first > 0)
                 mix_rows(dy, cols[b].detach().unsqueeze(0), out=gw.reshape(1, size, -1))
                 grad_rows[b, block] += rows_gradient(gw, part)
-                mix_rows(rows[b][block].t(), gw, out=grad_part, accumulate=True)
+                mix_rows(rows[b][block].t(), gw, out=grad_part, accumulate=block > 0 or b > 0)
     grad_rows = grad_rows.reshape(batch, out_blocks, spatial, in_blocks, num).transpose(1, 2)
     grad_attention.copy_(grad_rows.reshape(grad_attention.shape))
     if grad_x is not None:
         grad_x.copy_(torch.autograd.grad(cols, inputs, grad_cols)[0])
+    return grad_by_output
 
 
 
