@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .. import native
 from .assembly import cells_by_output, mix_rows, rows_gradient
 from .per_sample import CONV, ConvGeometry, patches, weight_backward
 
@@ -121,13 +122,30 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
         grad_by_output = _backward_by_slices(x, attention, by_output, grad, geo, grad_x, grad_attention)
         return grad_by_output.transpose(0, 1).reshape(cells.shape)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
+    # on mid-sized maps, each weight gradient as one product over the sample's patches, into one buffer
+    by_product = (buffer is not None and geo.groups == 1 and native.applies(x, grad, by_output)
+                  and math.prod(grad.shape[2:]) <= PRODUCT_MAX_POSITIONS)
+    grad_weight = torch.empty_like(buffer) if by_product else None
     for b in range(x.shape[0]):
         weight = _sample_weight(attention[b], by_output, geo, buffer)
-        gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None)
+        gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None,
+                                 weight_grad=not by_product)
+        if by_product:
+            gw = _patch_product(x[b:b + 1], grad[b], geo, grad_weight).unsqueeze(0)
         if grad_x is not None:
             grad_x[b] = gx[0]
         grad_attention[b] = _sample_cell_grads(gw[0], attention[b], by_output, geo, grad_by_output)
     return grad_by_output.transpose(0, 1).reshape(cells.shape)
+
+
+
+def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: torch.Tensor) -> torch.Tensor:
+    """One sample's weight gradient, ``dY (c_out, L) @ patches (L, k * c_in)``, built in ``out`` in
+    the order of :func:`_sample_weight`'s weight and returned as a (c_out, c_in, *k) view of it."""
+    cols, _ = patches(x, geo, kernel_first=geo.grid[0] > 1)
+    channels = grad.shape[0]
+    mix_rows(grad.reshape(channels, -1), cols, out=out.view(1, channels, -1))
+    return _as_weight(out, geo)
 
 
 
@@ -191,5 +209,7 @@ def _slice_channels(channels: int, per_channel: int, geo: ConvGeometry) -> int:
 
 
 
-# Output positions up to which :func:`loop_backward` goes by slices of output channels.
+# Output positions up to which :func:`loop_backward` goes by slices of output channels, and up to
+# which it takes each weight gradient as one product over patches (:func:`_patch_product`).
 SLICED_MAX_POSITIONS = 64
+PRODUCT_MAX_POSITIONS = 256

@@ -43,9 +43,11 @@ def grouped_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
 
 
 def shifted_views(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-             dilation: Sequence[int], channels_last: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+                  dilation: Sequence[int], channels_last: bool = False,
+                  kernel_first: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The input at every kernel offset, stacked: (B, C, K, *out) with K = prod(kernel) in row-major
-    kernel order (what ``F.unfold`` gives, for 1-d and 2-d), or (B, *out, C, K) with ``channels_last``.
+    kernel order (what ``F.unfold`` gives, for 1-d and 2-d), or (B, *out, C, K) with ``channels_last``,
+    (B, *out, K, C) with ``kernel_first`` as well.
 
     Built from strided slices rather than ``im2col``, which is slow on CPU and exports to ONNX poorly.
     """
@@ -59,7 +61,7 @@ def shifted_views(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
             slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilation, size, stride)]
         view = x[tuple(index)]
         views.append(view.movedim(1, -1) if channels_last else view)
-    return torch.stack(views, dim=-1 if channels_last else 2), size
+    return torch.stack(views, dim=(-2 if kernel_first else -1) if channels_last else 2), size
 
 
 
@@ -130,10 +132,8 @@ def patches(x: torch.Tensor, geo: ConvGeometry, kernel_first: bool) -> tuple[tor
     """The input patches of a convolution as a (B, L, k * c_in) matrix per sample, in the column
     order of a channels-last weight (c_out, *k, c_in) with ``kernel_first``, else of (c_out, c_in, *k);
     and the output size. Differentiable: the gradient of the patches folds back onto x."""
-    kernel = geo.weight_shape[2:]
-    cols, size = shifted_views(x, kernel, geo.stride, geo.padding, geo.dilation, channels_last=True)
-    cols = cols.reshape(x.shape[0], math.prod(size), x.shape[1], math.prod(kernel))  # (B, L, c_in, k)
-    cols = cols.transpose(2, 3) if kernel_first else cols
+    cols, size = shifted_views(x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True,
+                               kernel_first=kernel_first)
     return cols.reshape(x.shape[0], math.prod(size), -1), size
 
 
