@@ -194,8 +194,8 @@ def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: tor
 def backward_by_slices(geo: ConvGeometry, positions: int) -> bool:
     """Whether :func:`loop_backward` goes by slices of output channels (:func:`_backward_by_slices`):
     without groups, on maps of up to :data:`SLICED_MAX_POSITIONS` output positions. (On larger maps
-    the convolution library's per-sample gradients win; on smaller ones the slices beat the mix form
-    by 30 % in a ResNet18's last stage.)"""
+    the convolution library's per-sample gradients win; on smaller ones the slices take about half
+    the time of the mix form in a ResNet18's last stage, benchmarks/layers.py.)"""
     return geo.groups == 1 and positions <= SLICED_MAX_POSITIONS
 
 
