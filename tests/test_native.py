@@ -66,13 +66,13 @@ def test_mix_rows_matches_float64(rows, num, length):
     cells = torch.randn(num, 6, length).transpose(0, 1)   # (c, n, d) with the strides of a warehouse view
     want = torch.einsum("rj,cjd->crd", a.double(), cells.double())
     assert native.applies(a, cells)
-    got = mix_rows(a, cells)
+    got = native.mix_rows(a, cells)
     assert got.shape == (6, rows, length) and relative(got, want) < 1e-6
     out = torch.randn(6, rows, length)
     start = out.clone()
-    assert mix_rows(a, cells, out=out) is out and relative(out, want) < 1e-6
+    assert native.mix_rows(a, cells, out=out) is out and relative(out, want) < 1e-6
     out.copy_(start)
-    mix_rows(a, cells, out=out, accumulate=True)
+    native.mix_rows(a, cells, out=out, accumulate=True)
     assert relative(out, start.double() + want) < 1e-6
 
 
@@ -83,9 +83,9 @@ def test_mix_rows_of_one_channel_is_shared_by_the_threads(length):
     torch.manual_seed(length)
     a, cells = torch.randn(49, 128), torch.randn(1, 128, length)
     want = (a.double() @ cells[0].double()).unsqueeze(0)
-    assert relative(mix_rows(a, cells), want) < 1e-6
+    assert relative(native.mix_rows(a, cells), want) < 1e-6
     out = torch.ones(1, 49, length)
-    assert relative(mix_rows(a, cells, out=out, accumulate=True), want + 1) < 1e-6
+    assert relative(native.mix_rows(a, cells, out=out, accumulate=True), want + 1) < 1e-6
 
 
 @needs_kernels
@@ -95,9 +95,25 @@ def test_rows_gradient_matches_float64_and_repeats_exactly(rows, num, length):
     grad = torch.randn(rows, 33, length).transpose(0, 1)   # (c, r, d), channels strided
     cells = torch.randn(33, num, length)
     want = torch.einsum("crd,cjd->rj", grad.double(), cells.double())
-    got = rows_gradient(grad, cells)
+    got = native.rows_gradient(grad, cells)
     assert got.shape == (rows, num) and relative(got, want) < 1e-6
-    assert torch.equal(rows_gradient(grad, cells), got)
+    assert torch.equal(native.rows_gradient(grad, cells), got)
+
+
+@needs_kernels
+def test_products_go_native_only_where_that_pays(monkeypatch):
+    calls = []
+    kernels = {name: getattr(native, name) for name in ("mix_rows", "rows_gradient")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name, **k: calls.append(_n) or _k(*a, **k))
+    small, large = (torch.randn(9, 8), torch.randn(8, 8, 16)), (torch.randn(9, 27), torch.randn(64, 27, 512))
+    for rows, cells in (small, large):
+        want = torch.bmm(rows.expand(cells.shape[0], -1, -1), cells)
+        assert relative(mix_rows(rows, cells), want) < 1e-6
+        assert relative(rows_gradient(want, cells), torch.bmm(want, cells.transpose(1, 2)).sum(0)) < 1e-5
+    assert calls == ["mix_rows", "rows_gradient"]   # the large pair only
+    assert not native.worthwhile(native.MIN_MACS - 1, 512) and not native.worthwhile(10 ** 9, 8)
+    assert native.worthwhile(native.MIN_MACS, 16)
 
 
 @needs_kernels
@@ -158,6 +174,8 @@ def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs,
     if slices:
         monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)
     monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 10 ** 6 if backward_by_slices else 0)
+    monkeypatch.setattr(native, "MIN_MACS", 0)   # small layers: every product native
+    monkeypatch.setattr(native, "MIN_LENGTH", 0)
 
     def step(use_native: bool) -> list[torch.Tensor]:
         layer.zero_grad()
