@@ -59,8 +59,8 @@ def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | No
     ``out`` when given, or added to it with ``accumulate``. By the native kernel where it applies
     (:mod:`kernelwarehouse.native`), which serves any product with a small inner dimension n."""
     channels, num, length = by_output.shape
-    if (native.worthwhile(channels * rows.shape[0] * num * length, length)
-            and native.applies(rows, by_output, *([] if out is None else [out]))):
+    if (native.applies(rows, by_output, *([] if out is None else [out]))  # first: it is False under tracing
+            and native.worthwhile(channels * rows.shape[0] * num * length, length)):
         return native.mix_rows(rows, by_output, out, accumulate)
     rows = rows.expand(by_output.shape[0], -1, -1)
     if accumulate:
@@ -70,7 +70,7 @@ def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | No
 
 def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`mix_rows` with respect to its rows, from its output's (c, r, d): (r, n)."""
-    if native.worthwhile(grad.shape[0] * grad.shape[1] * by_output[0].numel(), grad.shape[2]) \
-            and native.applies(grad, by_output):
+    if native.applies(grad, by_output) and native.worthwhile(grad.shape[:2].numel() * by_output[0].numel(),
+                                                             grad.shape[2]):
         return native.rows_gradient(grad, by_output)
     return torch.bmm(grad, by_output.transpose(1, 2)).sum(0)
