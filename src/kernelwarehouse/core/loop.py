@@ -48,10 +48,15 @@ def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGe
 
 
 
+def _autocast(tensor: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(tensor.device.type)
+
+
+
 def _weight_buffer(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor | None:
     """Room for the (output block * c, spatial * input block, d) products of :func:`_sample_weight`
     (None under autocast, whose products choose their own type)."""
-    if torch.is_autocast_enabled(by_output.device.type):
+    if _autocast(by_output):
         return None
     return by_output.new_empty(rows.shape[0] * by_output.shape[0], rows.shape[1], by_output.shape[2])
 
@@ -117,10 +122,10 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
     """Backward of :func:`loop_conv`; fills grad_x and grad_attention, returns the cells' gradient.
     Small maps without groups go by :func:`_backward_by_slices`, the rest sample by sample."""
     by_output = cells_by_output(cells)
-    buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
-    if buffer is not None and backward_by_slices(geo, math.prod(grad.shape[2:])):
+    if not _autocast(by_output) and backward_by_slices(geo, math.prod(grad.shape[2:])):
         grad_by_output = _backward_by_slices(x, attention, by_output, grad, geo, grad_x, grad_attention)
         return grad_by_output.transpose(0, 1).reshape(cells.shape)
+    buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
     # on mid-sized maps, each weight gradient as one product over the sample's patches, into one buffer
     by_product = (buffer is not None and geo.groups == 1 and native.applies(x, grad, by_output)
