@@ -1,5 +1,6 @@
 """Time every KernelWarehouse convolution of a model along each execution path, beside a static
-convolution of the same shape: the measurements behind ``choose_path``.
+convolution of the same shape: what ``auto`` measures per layer, and the figures behind the
+fixed rule's thresholds (``kernelwarehouse.tuning``). An ``auto`` column also names its choice.
 
     PYTHONPATH=src python benchmarks/layers.py                       # kw_resnet18 1x, batch 16, CPU
     PYTHONPATH=src python benchmarks/layers.py --batch-size 1 --train-paths ""
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import kernelwarehouse as kw
-from kernelwarehouse.core.execution import PATHS, kw_conv
+from kernelwarehouse.core.execution import kw_conv, resolve_path
+from kernelwarehouse.core.paths import check_choice
 from kernelwarehouse.models.registry import parse_budget
 
 
@@ -57,15 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="grouped,mix,loop", help="inference paths, comma-separated")
-    parser.add_argument("--train-paths", default="grouped,loop", help="training paths ('' for none)")
+    parser.add_argument("--paths", default="grouped,unfold,mix,loop,auto", help="inference paths, comma-separated")
+    parser.add_argument("--train-paths", default="grouped,loop:slices,loop:sample,loop:mix,auto",
+                        help="training paths ('' for none); loop:FORM names the loop path's backward form")
     parser.add_argument("--only", default="", help="time only layers whose name contains this")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     train_paths = [p for p in args.train_paths.split(",") if p]
     for path in paths + train_paths:
-        if path not in PATHS:
-            parser.error(f"unknown path {path!r}; choose from {PATHS}")
+        if path != "auto":
+            try:
+                check_choice(path)
+            except ValueError as error:
+                parser.error(str(error))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = kw.create_model(args.model, budget=parse_budget(args.budget))
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             row = [name, str(size), str(cells.shape[0]), f"{base:.2f}"]
             for path in paths:
                 ms = median_ms(lambda: kw_conv(x, attention, cells, None, geo, path), args.repeats)
-                row.append(f"{ms:.2f} ({ms / base:.1f}x)")
+                chosen = f" {resolve_path(x, attention, cells, geo)}" if path == "auto" else ""
+                row.append(f"{ms:.2f} ({ms / base:.1f}x){chosen}")
         if train_paths:
             inputs, mixture = x.clone().requires_grad_(), attention.clone().requires_grad_()
 
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f"{base:.2f}")
             for path in train_paths:
                 ms = median_ms(train(lambda: kw_conv(inputs, mixture, cells, None, geo, path)), args.repeats)
-                row.append(f"{ms:.2f} ({ms / base:.1f}x)")
+                chosen = f" {resolve_path(inputs, mixture, cells, geo)}" if path == "auto" else ""
+                row.append(f"{ms:.2f} ({ms / base:.1f}x){chosen}")
         print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

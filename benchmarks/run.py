@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from kernelwarehouse.bench.benchmark import benchmark
+from kernelwarehouse import native
+from kernelwarehouse.bench.benchmark import benchmark, format_paths
 
 
 def machine() -> str:
@@ -32,7 +33,16 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}"
+    isa = "AVX-512" if "avx512f" in _cpu_flags() else "AVX2" if "avx2" in _cpu_flags() else platform.machine()
+    return f"{cpu} ({isa})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="auto,reference",
                         help="comma-separated execution paths; auto-pytorch: auto without the native kernels")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--show-paths", action="store_true", help="print the path each layer ran under auto")
     args = parser.parse_args(argv)
 
     results = {}
@@ -60,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     setting = f"{first['device']}" + (f", {first['threads']} threads" if first["device"] == "cpu" else "")
     setting += f", amp {args.amp}" if args.amp else ""
-    print(f"KW-ResNet18 1x vs {first['static']}, 224x224, tau = 0.5, {setting}; {when}; {machine()}\n")
+    kernels = f"native kernels: {native.variant() or 'none'}" if first["device"] == "cpu" else ""
+    print(f"KW-ResNet18 1x vs {first['static']}, 224x224, tau = 0.5, {setting}; {when}; {machine()}; {kernels}; "
+          f"auto: {first['path_choice']}\n")
     header = "| figure | static | " + " | ".join(f"KW ({p})" for p in results) + " | " + \
              " | ".join(f"ratio ({p})" for p in results) + " |"
     print(header)
@@ -70,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         values = " | ".join(f"{r['figures'][name]['kw']:.{digits}f}" for r in results.values())
         ratios = " | ".join(f"{r['figures'][name]['ratio']:.2f}x" for r in results.values())
         print(f"| {name} ({fig['unit']}) | {fig['static']:.{digits}f} | {values} | {ratios} |")
+    if "reference" in results:
+        ref = results["reference"]["figures"]
+        for path, r in results.items():
+            if path != "reference":
+                faster = ", ".join(f"{name} {ref[name]['kw'] / fig['kw']:.2f}x" for name, fig in r["figures"].items()
+                                   if fig["unit"] == "ms")
+                print(f"\n{path} against the reference scheme (times faster): {faster}")
+    if args.show_paths:
+        for path, r in results.items():
+            if path.startswith("auto"):
+                print(f"\npaths under {path}:\n{format_paths(r)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": when, "machine": machine(), "results": results}, f, indent=2)

@@ -8,10 +8,16 @@ import torch
 import torch.nn as nn
 
 import kernelwarehouse as kw
+import kernelwarehouse.core.execution as execution
+import kernelwarehouse.core.paths as paths
+from kernelwarehouse import tuning
 from kernelwarehouse.core.execution import (ConvGeometry, PATHS, choose_path, execution_path, get_execution_path,
-                                            kw_conv, mix_supported, set_execution_path)
+                                            kw_conv, set_execution_path)
+from kernelwarehouse.core.mix import mix_supported
+from kernelwarehouse.core.paths import LayerCall
 
-FAST_PATHS = ("grouped", "unfold", "mix", "loop", "auto")
+FAST_PATHS = ("grouped", "unfold", "mix", "loop", "loop:slices", "loop:sample", "loop:mix", "patches",
+              "patches:slices", "patches:mix", "auto")
 
 # (layer class, constructor kwargs, input shape)
 CASES = {
@@ -141,10 +147,16 @@ def test_execution_path_setting():
     assert get_execution_path() == "auto"
     with execution_path("mix"):
         assert get_execution_path() == "mix"
+    with execution_path("loop:slices"):
+        assert get_execution_path() == "loop:slices"
     assert get_execution_path() == "auto"
-    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "mix", "loop"}
-    with pytest.raises(ValueError, match="execution path must be one of"):
+    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "mix", "loop", "patches"}
+    with pytest.raises(ValueError, match="execution path must be 'auto', one of"):
         set_execution_path("fast")
+    with pytest.raises(ValueError, match="loop:slices"):
+        set_execution_path("loop:fast")
+    with pytest.raises(ValueError):
+        set_execution_path("grouped:slices")   # only loop has backward forms
 
 
 def test_kw_conv_matches_layer_forward():
@@ -187,7 +199,7 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
     weight_numel = torch.Size(layer.weight_shape).numel()
-    monkeypatch.setattr(per_sample, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
+    monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
     assert len(per_sample.batch_chunks(shape[0], weight_numel)) > 1
     for path in ("grouped", "unfold"):
         out, grads = run(layer, x, path)
@@ -197,72 +209,71 @@ def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
 
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_blocks", "conv3d", "conv2d_whole_kernel_cells"])
 def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
-    import kernelwarehouse.core.execution as execution
-    import kernelwarehouse.core.loop as loop
     torch.manual_seed(5)
     cls, kwargs, shape = CASES[case]
     kwargs = {**kwargs, "out_channels": 64}
     layer = cls(**kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
-    monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
-    for backward_by_sample in (False, True):
-        if backward_by_sample:
-            monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)
-        out, grads = run(layer, x, "loop")
+    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
+    for path in ("loop", "loop:sample", "loop:slices", "patches", "patches:sample"):
+        out, grads = run(layer, x, path)
         assert relative(out, ref_out) < 1e-5
         assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
-    """Where the map is small against the warehouse (and slices are not taken), the loop path's
-    backward takes the mix form."""
-    import kernelwarehouse.core.execution as execution
-    import kernelwarehouse.core.loop as loop
-    import kernelwarehouse.core.per_sample as per_sample
+    """``loop:mix`` runs the loop forward and the mix form's backward, which builds no weight; the
+    rule takes it where the map is small against the warehouse and slices are not taken."""
+    import kernelwarehouse.core.recompute as recompute
     torch.manual_seed(6)
     layer = kw.KWConv2d(16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5,
                         cell_inplane_ratio=0.5).double().train()
     x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
-    assert execution.mix_is_cheap(layer._geometry, layer.warehouse.weight.shape, 9)
+    call = LayerCall.of(x.clone().requires_grad_(), torch.zeros(4, 1, 1, requires_grad=True),
+                        layer.warehouse.weight, layer._geometry)
+    assert paths.mix_is_cheap(layer._geometry, layer.warehouse.weight.shape, 9)
     ref_out, ref_grads = run(layer, x, "reference")
     if chunked:
-        monkeypatch.setattr(per_sample, "CHUNK_ELEMENTS", 1)   # one sample per chunk
-    monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 0)
+        monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", 1)   # one sample per chunk
+    monkeypatch.setattr(tuning, "SLICED_MAX_POSITIONS", 0)
+    assert paths.loop_backward_rule(call) == "mix"
     calls = []
-    monkeypatch.setattr(execution, "loop_backward", lambda *a: calls.append(a))
-    out, grads = run(layer, x, "loop")
-    assert not calls
-    assert relative(out, ref_out) < 1e-5
-    assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    monkeypatch.setattr(recompute, "loop_backward", lambda *a, **k: calls.append(a))
+    for path in ("loop", "loop:mix"):
+        out, grads = run(layer, x, path)
+        assert not calls
+        assert relative(out, ref_out) < 1e-5
+        assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_blocks", "conv2d_whole_kernel_cells", "conv1d", "conv3d"])
 @pytest.mark.parametrize("by_slices", [False, True])
 def test_loop_backward_by_slices_or_by_sample(monkeypatch, case, by_slices):
-    """Small maps without groups take the backward by slices of output channels, the rest sample by
-    sample; both give the reference gradients."""
-    import kernelwarehouse.core.execution as execution
+    """The loop path's backward by slices of output channels and sample by sample both give the
+    reference gradients; the rule takes slices on small maps without groups."""
     import kernelwarehouse.core.loop as loop
     torch.manual_seed(8)
     cls, kwargs, shape = CASES[case]
     layer = cls(**{**kwargs, "out_channels": 32}).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
-    monkeypatch.setattr(execution, "mix_is_cheap", lambda *args: False)
-    monkeypatch.setattr(loop, "SLICED_MAX_POSITIONS", 10 ** 6 if by_slices else 0)
-    monkeypatch.setattr(loop, "LOOP_SLICE_ELEMENTS", 1)   # several slices of 16 output channels
+    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)   # several slices of 16 output channels
+    monkeypatch.setattr(tuning, "MIX_ADVANTAGE", 0)          # the rule never takes the mix form
+    monkeypatch.setattr(tuning, "SLICED_MAX_POSITIONS", 10 ** 6 if by_slices else 0)
     sliced = []
     original = loop._backward_by_slices
     monkeypatch.setattr(loop, "_backward_by_slices", lambda *a: sliced.append(1) or original(*a))
-    out, grads = run(layer, x, "loop")
-    assert bool(sliced) == by_slices
-    assert relative(out, ref_out) < 1e-5
-    assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    for path in ("loop", "loop:slices" if by_slices else "loop:sample"):
+        sliced.clear()
+        out, grads = run(layer, x, path)
+        assert bool(sliced) == by_slices
+        assert relative(out, ref_out) < 1e-5
+        assert all(relative(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
-@pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix", "loop"])
+@pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix", "loop", "patches"])
 def test_autocast_bfloat16_training_step(path):
     torch.manual_seed(3)
     model = nn.Sequential(kw.KWConv2d(4, 8, 3, padding=1, norm="layer"), nn.ReLU(),

@@ -57,6 +57,25 @@ def test_tau_follows_the_schedule_every_step_and_is_stored(tmp_path):
     assert trainer.best["top1"] == max(row["val_top1"] for row in history)
 
 
+def test_checkpoints_store_the_paths_taken_and_resume_reuses_them(tmp_path, monkeypatch):
+    import kernelwarehouse as kw
+    import kernelwarehouse.core.choice as choice
+    monkeypatch.setattr(choice, "time_candidate", lambda run, device, name: float(len(name)))  # fake timings
+    monkeypatch.setattr(choice, "_mode", "measured")
+    kw.clear_path_choices()
+    Trainer(tiny_config(tmp_path, epochs=1), log=None).fit()
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    taken = state["path_choices"]
+    assert taken and taken == kw.path_choices()
+    assert any(key.endswith("|train") for key in taken) and any(key.endswith("|infer") for key in taken)
+    # a resumed run takes them from the checkpoint, whatever this process chose before
+    kw.clear_path_choices()
+    kw.load_path_choices({key: "grouped" for key in taken})
+    Trainer(tiny_config(tmp_path, epochs=2), resume=tmp_path / "run" / "last.pt", log=None)
+    assert kw.path_choices() == taken
+    kw.clear_path_choices()
+
+
 def test_static_model_trains_and_learns_digits(tmp_path):
     config = tiny_config(tmp_path, model="resnet18", budget=None, epochs=3, limit_train=400, limit_val=120, lr=0.1,
                          batch_size=32)

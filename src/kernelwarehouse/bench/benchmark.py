@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from .. import native
+from ..core.build import chosen_paths
+from ..core.choice import get_path_choice
 from ..core.execution import execution_path
 from ..core.temperature import set_temperature
 from ..models.registry import create_model, format_budget, model_entry, parse_budget
@@ -89,7 +91,10 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
               native_kernels: bool = True) -> dict[str, Any]:
     """Params, MACs, inference latency (``batch_size`` and 1), training-step latency and peak training
     memory (``memory_batch_size``) of ``model`` at ``budget``, each beside the static counterpart's.
-    ``native_kernels=False`` times PyTorch's products in place of :mod:`kernelwarehouse.native`."""
+    ``native_kernels=False`` times PyTorch's products in place of :mod:`kernelwarehouse.native`.
+    The result also names the native kernels' variant and, per figure, the path each layer ran
+    (``paths``: {figure: {layer: path}}); with ``path="auto"`` the first call of each layer
+    geometry is measured (:mod:`kernelwarehouse.core.choice`) in the untimed warm-up."""
     if batch_size < 1 or repeats < 1 or image_size < 32:
         raise ValueError(f"batch_size and repeats must be >= 1 and image_size >= 32, got "
                          f"{batch_size}, {repeats}, {image_size}")
@@ -114,8 +119,10 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
     result: dict[str, Any] = {
         "model": model, "budget": variant, "static": static_name, "device": str(dev),
         "threads": torch.get_num_threads(), "image_size": image_size, "batch_size": batch_size, "tau": tau,
-        "path": path, "amp": amp, "native_kernels": native_kernels and dev.type == "cpu" and native.available(),
-        "figures": {}}
+        "path": path, "path_choice": get_path_choice(), "amp": amp,
+        "native_kernels": native_kernels and dev.type == "cpu" and native.available(),
+        "native_variant": native.variant() if native_kernels and dev.type == "cpu" else None,
+        "figures": {}, "paths": {}}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
     figures = result["figures"]
 
@@ -136,6 +143,7 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
             for i, fn in enumerate(fns):
                 times[i].append(_timed(fn, dev))
         add(name, "ms", statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3)
+        result["paths"][name] = chosen_paths(kw_model)
 
     def inference(batch: int) -> Callable[[nn.Module], Callable[[], Any]]:
         x = torch.randn(batch, *shape, device=dev)
@@ -177,7 +185,19 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
                 step()  # gradients and optimizer state exist before measuring
                 peaks.append(peak_memory(step, dev) / 2 ** 20)
             add(f"peak train memory b{memory_batch_size}", "MiB", *peaks)
+            result["paths"][f"peak train memory b{memory_batch_size}"] = chosen_paths(kw_model)
     return result
+
+
+def format_paths(result: dict[str, Any]) -> str:
+    """A markdown table of the path each layer ran, one column per figure of a :func:`benchmark`."""
+    figures = [f for f in result["paths"] if result["paths"][f]]
+    if not figures:
+        return ""
+    lines = ["| layer | " + " | ".join(figures) + " |", "|---|" + "---|" * len(figures)]
+    for layer in result["paths"][figures[0]]:
+        lines.append(f"| {layer} | " + " | ".join(str(result["paths"][f].get(layer)) for f in figures) + " |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from ..core.execution import PATHS
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.benchmark import benchmark, format_table
+    from ..bench.benchmark import benchmark, format_paths, format_table
     from . import CommandError
     if args.device.startswith("cuda"):
         import torch
@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['model']} {result['budget']} vs {result['static']} on {result['device']} "
           f"({result['threads']} threads), {result['image_size']}px, tau={result['tau']}, path={result['path']}"
           + (f", amp={result['amp']}" if result["amp"] else "")
-          + (", native kernels" if result["native_kernels"] else ""))
+          + (f", native kernels ({result['native_variant']})" if result["native_kernels"] else "")
+          + (f", paths {result['path_choice']}" if result["path"] == "auto" else ""))
     print(format_table(result))
+    if args.show_paths:
+        print("\npath of each layer, per figure:\n" + format_paths(result))
     print("\nratios are medians of interleaved repeats in this process; absolute times depend on the machine")
     return 0
 
@@ -42,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median)")
     parser.add_argument("--tau", type=float, default=0.5, help="attention temperature")
-    parser.add_argument("--path", choices=PATHS, default="auto", help="execution path (default auto)")
+    parser.add_argument("--path", default="auto", help=f"execution path, one of {', '.join(PATHS)} or e.g. "
+                        "loop:slices (default auto: measured on this machine)")
+    parser.add_argument("--show-paths", action="store_true", help="print the path each layer ran, per figure")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
     parser.add_argument("--no-native", action="store_true",
                         help="PyTorch's products in place of the native CPU kernels (kernelwarehouse.native)")

@@ -95,6 +95,12 @@ def kw_layers(model: nn.Module) -> list[tuple[str, KWLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, KWLayer)]
 
 
+def chosen_paths(model: nn.Module) -> dict[str, str | None]:
+    """{module path: the execution path its last eager call ran} for every KernelWarehouse layer
+    (None for a layer not yet called); e.g. ``"loop:slices"`` for ``loop`` with its backward form."""
+    return {name: layer.last_path for name, layer in kw_layers(model)}
+
+
 def plan_of(model: nn.Module) -> Plan:
     """The plan of the KernelWarehouse layers now in ``model``."""
     layers = kw_layers(model)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .attention import KWAttention
-from .execution import ConvGeometry, assemble_weights, kw_conv
+from .execution import ConvGeometry, assemble_weights, kw_conv, resolve_path
+from .per_sample import building_graph
 from .plan import LayerPlan, LayerSpec, plan_warehouses
 from .warehouse import Warehouse
 
@@ -48,6 +49,16 @@ class KWLayer(nn.Module):
         self.warehouse = warehouse
         self.attention = KWAttention(plan)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
+
+    #: The execution path (and backward form) this layer's last eager call ran, e.g. ``"loop:slices"``.
+    last_path: str | None = None
+
+    def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
+        cells = self.warehouse.weight
+        if building_graph():
+            return kw_conv(x, mixture, cells, self.bias, self._geometry)
+        self.last_path = resolve_path(x, mixture, cells, self._geometry)
+        return kw_conv(x, mixture, cells, self.bias, self._geometry, self.last_path)
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
         """Mixture weights (B, m, n) for pooled inputs (B, C_in)."""
@@ -118,7 +129,7 @@ class _KWConvNd(KWLayer):
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        return kw_conv(x, attention, self.warehouse.weight, self.bias, self._geometry)
+        return self._convolve(x, attention)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -172,7 +183,7 @@ class KWLinear(KWLayer):
         count = math.prod(x.shape[1:-1])  # tokens per sample, explicit so a free batch needs no guard
         tokens = x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
         attention = self.mixture(tokens.mean(dim=1))
-        out = kw_conv(tokens, attention, self.warehouse.weight, self.bias, self._geometry)
+        out = self._convolve(tokens, attention)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

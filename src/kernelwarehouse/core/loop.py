@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .. import native
+from .. import native, tuning
 from .assembly import cells_by_output, mix_rows, rows_gradient
 from .per_sample import CONV, ConvGeometry, patches, weight_backward
 
@@ -19,7 +19,6 @@ def _sample_rows(attention: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     return rows.reshape(out_blocks, spatial * in_blocks, -1)
 
 
-
 def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """(c, spatial * input block, c_in * k) products of mixture rows and cells -> (c, I/groups, *k)
     weights of c output channels, channels-last for spatially split cells, without a copy."""
@@ -27,7 +26,6 @@ def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     if geo.grid[0] == 1:
         return products.reshape(channels, *geo.weight_shape[1:])
     return products.reshape(channels, *geo.weight_shape[2:], c_in).movedim(-1, 1)
-
 
 
 def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry,
@@ -47,10 +45,8 @@ def _sample_weight(attention: torch.Tensor, by_output: torch.Tensor, geo: ConvGe
     return _as_weight(out, geo)
 
 
-
 def _autocast(tensor: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(tensor.device.type)
-
 
 
 def _weight_buffer(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor | None:
@@ -59,7 +55,6 @@ def _weight_buffer(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor 
     if _autocast(by_output):
         return None
     return by_output.new_empty(rows.shape[0] * by_output.shape[0], rows.shape[1], by_output.shape[2])
-
 
 
 def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_output: torch.Tensor,
@@ -80,18 +75,21 @@ def _sample_cell_grads(grad_weight: torch.Tensor, attention: torch.Tensor, by_ou
     return grad_rows.reshape(-1, num)
 
 
-
-def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution.
+def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
+              by_patches: bool = False) -> torch.Tensor:
+    """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution, or
+    with ``by_patches`` one matrix product with the sample's input patches (:func:`_patches_conv`).
 
     Without groups, a large weight (a ResNet's last stage) is built and applied a slice of output
     channels at a time, so that the slice, the convolution's copy of it and the cells it reads share
     the cache; the slices go outside, the samples inside, so each slice of cells is read once."""
+    if by_patches:
+        return _patches_conv(x, attention, cells_by_output(cells), geo)
     by_output, conv, batch = cells_by_output(cells), CONV[geo.dims], x.shape[0]
     channels = by_output.shape[0]
     per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
     step = _slice_channels(channels, per_channel, geo)
-    if geo.groups > 1 or geo.grid[1] * channels * per_channel <= LOOP_SLICE_ELEMENTS:
+    if geo.groups > 1 or geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
         # the whole weight at once: one convolution per sample, each weight built in the same buffer
         buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
         outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo, buffer), None, geo.stride,
@@ -110,26 +108,52 @@ def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
 
-
-# Weight elements :func:`loop_conv` builds and applies at once, measured on CPU: a 256x256x3x3
-# weight in one piece, a 512x512x3x3 one in slices of 128 output channels.
-LOOP_SLICE_ELEMENTS = 600_000
-
+def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """:func:`loop_conv` with each assembled weight (slice) applied as one matrix product with the
+    sample's input patches, ``out_b = W_b @ patches_b^T``: no convolution, so no reorder of every
+    new weight into the convolution library's blocked layout (which halves its speed on small maps),
+    and the inner dimension is the whole patch (k * c_in). Needs ``groups = 1``."""
+    batch, channels = x.shape[0], by_output.shape[0]
+    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    step = _slice_channels(channels, per_channel, geo)
+    kernel_first = geo.grid[0] > 1
+    whole = geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS
+    cols, size = patches(x if not whole else x[:1], geo, kernel_first)
+    out = None
+    rows = [_sample_rows(mixture[b], geo) for b in range(batch)]
+    buffer = _weight_buffer(rows[0][:1], by_output[:step])
+    for b in range(batch) if whole else [None]:
+        if whole:  # one sample's patches at a time: the whole weight is applied at once
+            cols = cols if b == 0 else patches(x[b:b + 1], geo, kernel_first)[0]
+        for block in range(geo.grid[1]):
+            for start in range(0, channels, step):
+                part = by_output[start:start + step]
+                weight = None if buffer is None else buffer[:part.shape[0]]
+                first = block * channels + start
+                for sample in [b] if whole else range(batch):
+                    w = mix_rows(rows[sample][block], part, out=weight).reshape(part.shape[0], -1)
+                    y = torch.mm(w, cols[0 if whole else sample].t())
+                    if out is None:
+                        out = y.new_empty(batch, geo.weight_shape[0], y.shape[1])
+                    out[sample, first:first + part.shape[0]] = y
+    return out.reshape(batch, geo.weight_shape[0], *size)
 
 
 def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor,
+                  by_slices: bool) -> torch.Tensor:
     """Backward of :func:`loop_conv`; fills grad_x and grad_attention, returns the cells' gradient.
-    Small maps without groups go by :func:`_backward_by_slices`, the rest sample by sample."""
+    By slices of output channels (:func:`_backward_by_slices`, which needs ``groups = 1`` and runs
+    outside autocast) when ``by_slices``, else sample by sample."""
     by_output = cells_by_output(cells)
-    if not _autocast(by_output) and backward_by_slices(geo, math.prod(grad.shape[2:])):
+    if by_slices and geo.groups == 1 and not _autocast(by_output):
         grad_by_output = _backward_by_slices(x, attention, by_output, grad, geo, grad_x, grad_attention)
         return grad_by_output.transpose(0, 1).reshape(cells.shape)
     buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
     # on mid-sized maps, each weight gradient as one product over the sample's patches, into one buffer
     by_product = (buffer is not None and geo.groups == 1 and native.applies(x, grad, by_output)
-                  and math.prod(grad.shape[2:]) <= PRODUCT_MAX_POSITIONS)
+                  and math.prod(grad.shape[2:]) <= tuning.PRODUCT_MAX_POSITIONS)
     grad_weight = torch.empty_like(buffer) if by_product else None
     for b in range(x.shape[0]):
         weight = _sample_weight(attention[b], by_output, geo, buffer)
@@ -143,7 +167,6 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
     return grad_by_output.transpose(0, 1).reshape(cells.shape)
 
 
-
 def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: torch.Tensor) -> torch.Tensor:
     """One sample's weight gradient, ``dY (c_out, L) @ patches (L, k * c_in)``, built in ``out`` in
     the order of :func:`_sample_weight`'s weight and returned as a (c_out, c_in, *k) view of it."""
@@ -151,7 +174,6 @@ def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: 
     channels = grad.shape[0]
     mix_rows(grad.reshape(channels, -1), cols, out=out.view(1, channels, -1))
     return _as_weight(out, geo)
-
 
 
 def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: torch.Tensor, grad: torch.Tensor,
@@ -195,26 +217,9 @@ def _backward_by_slices(x: torch.Tensor, attention: torch.Tensor, by_output: tor
     return grad_by_output
 
 
-
-def backward_by_slices(geo: ConvGeometry, positions: int) -> bool:
-    """Whether :func:`loop_backward` goes by slices of output channels (:func:`_backward_by_slices`):
-    without groups, on maps of up to :data:`SLICED_MAX_POSITIONS` output positions. (On larger maps
-    the convolution library's per-sample gradients win; on smaller ones the slices take about half
-    the time of the mix form in a ResNet18's last stage, benchmarks/layers.py.)"""
-    return geo.groups == 1 and positions <= SLICED_MAX_POSITIONS
-
-
-
 def _slice_channels(channels: int, per_channel: int, geo: ConvGeometry) -> int:
     """Output channels of the warehouse that :func:`loop_conv` builds and applies at once."""
     step = channels
-    while geo.groups == 1 and step * per_channel > LOOP_SLICE_ELEMENTS and step % 32 == 0:
+    while geo.groups == 1 and step * per_channel > tuning.LOOP_SLICE_ELEMENTS and step % 32 == 0:
         step //= 2  # halving keeps slices a multiple of 16 channels, which the convolution prefers
     return step
-
-
-
-# Output positions up to which :func:`loop_backward` goes by slices of output channels, and up to
-# which it takes each weight gradient as one product over patches (:func:`_patch_product`).
-SLICED_MAX_POSITIONS = 64
-PRODUCT_MAX_POSITIONS = 256

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import tuning
 from .per_sample import ConvGeometry, batch_chunks, shifted_views
 
 
@@ -63,7 +64,7 @@ def mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, 
     """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
     the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
     by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
-    chunks of :data:`.per_sample.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
+    chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
     cells' gradient."""
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
@@ -87,21 +88,18 @@ def mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, 
 
 
 
-def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int) -> bool:
-    """Whether ``mix`` spends at most :data:`MIX_ADVANTAGE` times the multiply-adds of assembling:
-    n L |W| / (spatial blocks * input blocks) against (n + L) |W| per sample."""
+def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int,
+                 advantage: float | None = None) -> bool:
+    """Whether ``mix`` spends at most ``advantage`` (default :data:`.tuning.MIX_ADVANTAGE`) times the
+    multiply-adds of assembling: n L |W| / (spatial blocks * input blocks) against (n + L) |W| per
+    sample."""
+    advantage = tuning.MIX_ADVANTAGE if advantage is None else advantage
     num = cells_shape[0]
     spatial, _, in_blocks = geo.grid
-    return mix_supported(geo, cells_shape) and num * out_size < MIX_ADVANTAGE * spatial * in_blocks * (num + out_size)
-
+    return mix_supported(geo, cells_shape) and num * out_size < advantage * spatial * in_blocks * (num + out_size)
 
 
 def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
     """Whether the ``mix`` path applies to a warehouse of ``cells_shape`` (n, c_out, c_in, *k_cell):
     a convolution with groups 1 and cells of kernel size 1."""
     return geo.dims > 0 and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])
-
-
-
-# How many times more multiply-adds ``mix`` may spend than assembling and still be faster.
-MIX_ADVANTAGE = 2.5

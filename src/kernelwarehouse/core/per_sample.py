@@ -10,6 +10,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import tuning
+
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -83,7 +85,14 @@ def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def exporting() -> bool:
+    """Whether a graph is being traced, scripted or exported (its batch size must stay free)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+def building_graph() -> bool:
+    """Whether a graph is being traced, scripted, exported or compiled: then every path runs without
+    eager-only code (per-sample loops, native kernels, custom backward) and with a free batch."""
+    return exporting() or torch.compiler.is_compiling()
 
 
 
@@ -95,7 +104,7 @@ def conv_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     One grouped convolution (a plain one for a single sample); under export, tracing or
     ``torch.compile`` the batch-free matrix-product form, so graphs hold for every batch size.
     """
-    free_batch = exporting() or torch.compiler.is_compiling()
+    free_batch = building_graph()
     if free_batch and not isinstance(padding, str):
         return add_bias(unfold_conv(x, weight, stride, padding, dilation, groups), bias)
     if not free_batch and x.shape[0] == 1:
@@ -138,13 +147,6 @@ def patches(x: torch.Tensor, geo: ConvGeometry, kernel_first: bool) -> tuple[tor
 
 
 
-# Weight elements one step of the recomputing path assembles at once: B |W| floats for a ResNet's
-# last stage at batch 32 would outweigh the activations saved for backward. (Larger steps were
-# faster on an H100 but took the peak memory from 1.1 to 2.0 times the static model's.)
-CHUNK_ELEMENTS = 1 << 23
-
-
-
 def batch_chunks(batch: int, weight_numel: int) -> list[slice]:
-    size = max(1, min(batch, CHUNK_ELEMENTS // max(weight_numel, 1)))
+    size = max(1, min(batch, tuning.CHUNK_ELEMENTS // max(weight_numel, 1)))
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]

@@ -6,10 +6,28 @@ MKL's fallback code reaches about a quarter of it). :func:`mix_rows` computes it
 for that shape, and is used only where it computes the same as the PyTorch product it replaces:
 float32 tensors on the CPU, outside autograd, tracing and compilation (:func:`applies`).
 
-The library is built once per source, compiler and CPU into ``$KERNELWAREHOUSE_CACHE`` (default
-``~/.cache/kernelwarehouse``). Without a C compiler, on platforms other than Linux, with
-``KERNELWAREHOUSE_NATIVE=0``, or inside ``enabled(False)``, every caller falls back to PyTorch's
-products, with a warning when a build was attempted and failed.
+Variants. ``kernels.c`` builds for one instruction set at a time, with its vector width and
+register blocks sized to that set's registers (:data:`VARIANTS`, best first):
+
+* ``avx512``: 16-float vectors in 32 zmm registers (``-mavx512f -mavx512vl -mavx2 -mfma``), for x86
+  CPUs with ``avx512f`` and ``avx512vl``;
+* ``avx2``: 8-float vectors in 16 ymm registers (``-mavx2 -mfma``, no AVX-512 instructions), for
+  x86 CPUs with ``avx2`` and ``fma``;
+* ``portable``: 4-float vectors in 16 registers and the compiler's default instruction set (SSE2
+  on x86-64, NEON on aarch64, where ``-mcpu=native`` is added when the compiler takes it): ARM
+  and Apple machines and every other CPU.
+
+By default a process uses the best variant its CPU runs, read from the flags in ``/proc/cpuinfo``
+(:func:`supported_variants`, :func:`variant`). ``KERNELWAREHOUSE_ISA=avx512|avx2|portable`` asks for
+one: a variant the CPU cannot run falls back to the best it can, with a warning, and an unknown name
+raises ValueError. :func:`load` gives the kernels of any supported variant beside the process's own,
+for tests and benchmarks.
+
+Each variant's library is built once per source, compiler, flags and CPU into
+``$KERNELWAREHOUSE_CACHE`` (default ``~/.cache/kernelwarehouse``). Without a C compiler, on platforms
+other than Linux, with ``KERNELWAREHOUSE_NATIVE=0``, or inside ``enabled(False)``, every caller falls
+back to PyTorch's products, with a warning when a build was attempted and failed (a variant that fails
+to build falls back to the next one, with a warning too).
 """
 from __future__ import annotations
 
@@ -18,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,10 +47,35 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["applies", "available", "enabled", "mix_rows", "rows_gradient", "worthwhile"]
+from .. import tuning
+from ..cache import cache_dir
+
+__all__ = ["VARIANTS", "Kernels", "applies", "available", "enabled", "load", "mix_rows", "rows_gradient",
+           "supported_variants", "variant", "worthwhile"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# -ffp-contract=fast: under -std=c11 GCC would not fuse the multiply-adds
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
+
+VARIANTS = ("avx512", "avx2", "portable")
+# The /proc/cpuinfo flags each variant needs (x86 CPUs only; portable needs none) ...
+_NEEDS = {"avx512": frozenset({"avx512f", "avx512vl", "avx2", "fma"}), "avx2": frozenset({"avx2", "fma"}),
+          "portable": frozenset()}
+# ... the vector width and register blocks of kernels.c (see there) ...
+_MACROS = {
+    "avx512": ("-DKW_LANES=16", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=4", "-DKW_GRAD_ROWS=4", "-DKW_GRAD_CELLS=4"),
+    "avx2": ("-DKW_LANES=8", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=2", "-DKW_GRAD_ROWS=3", "-DKW_GRAD_CELLS=3"),
+    "portable": ("-DKW_LANES=4", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=2", "-DKW_GRAD_ROWS=3", "-DKW_GRAD_CELLS=3"),
+}
+# ... and its instruction-set flags: the first set the compiler takes is used. The ISA is named feature by
+# feature (not -march=native) so that a library runs on every CPU with the flags in _NEEDS.
+_ISA = {
+    "avx512": (("-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mtune=native"),
+               ("-mavx512f", "-mavx512vl", "-mavx2", "-mfma")),
+    "avx2": (("-mavx2", "-mfma", "-mtune=native"), ("-mavx2", "-mfma")),
+    "portable": ((),),
+}
+_X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
 
 
 _enabled = True
@@ -53,17 +97,44 @@ def available() -> bool:
     return _library() is not None
 
 
+def variant() -> str | None:
+    """The variant of the kernels this process uses (one of :data:`VARIANTS`, building them if needed),
+    or None where they are unavailable. Like :func:`available`, whatever :func:`enabled` says."""
+    kernels = _library()
+    return None if kernels is None else kernels.variant
+
+
+def supported_variants() -> tuple[str, ...]:
+    """The variants this CPU runs, best first; ``"portable"`` always."""
+    return _supported(_cpu_features(), platform.machine())
+
+
+def load(name: str) -> Kernels | None:
+    """The kernels of variant ``name``, built if needed, beside the ones the process uses: for tests and
+    benchmarks, ``load("avx2").mix_rows(rows, cells)``. Ignores ``KERNELWAREHOUSE_NATIVE``,
+    ``KERNELWAREHOUSE_ISA`` and :func:`enabled`. None where they cannot be built (no C compiler, not
+    Linux, a failed build: with a warning); ValueError for a name not in :data:`VARIANTS` or a variant
+    this CPU cannot run."""
+    _check_name(name, "load")
+    supported = supported_variants()
+    if name not in supported:
+        raise ValueError(f"kernelwarehouse: this CPU cannot run the {name} kernels ({_lacking(name)}); it runs "
+                         f"{', '.join(supported)}")
+    compiler = _compiler()
+    if compiler is None or not sys.platform.startswith("linux"):
+        return None
+    kernels = _attempt(name, compiler, _cache())
+    if isinstance(kernels, str):
+        warnings.warn(f"kernelwarehouse: the {name} kernels failed to build ({kernels})", RuntimeWarning, stacklevel=2)
+        return None
+    return kernels
+
+
 def worthwhile(macs: int, length: int) -> bool:
     """Whether a product of ``macs`` multiply-adds along rows of ``length`` pays for a native call:
-    below :data:`MIN_MACS` the call costs more than PyTorch's product, and rows shorter than
-    :data:`MIN_LENGTH` (one vector) run as scalar code."""
-    return macs >= MIN_MACS and length >= MIN_LENGTH
-
-
-# Measured on CPU against PyTorch's batched product: 1.5-3x slower up to 1.5e5 multiply-adds (call
-# and thread start-up), 1.3x faster at 6e5, 2-3x faster from 4e6 on.
-MIN_MACS = 1 << 18
-MIN_LENGTH = 16
+    below :data:`kernelwarehouse.tuning.NATIVE_MIN_MACS` the call costs more than PyTorch's product,
+    and rows shorter than :data:`kernelwarehouse.tuning.NATIVE_MIN_LENGTH` run mostly as scalar code."""
+    return macs >= tuning.NATIVE_MIN_MACS and length >= tuning.NATIVE_MIN_LENGTH
 
 
 def applies(*tensors: torch.Tensor) -> bool:
@@ -82,92 +153,197 @@ def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | No
              accumulate: bool = False) -> torch.Tensor:
     """``out[c] = rows @ by_output[c]`` for (r, n) rows and (c, n, d) cells, into ``out`` (c, r, d)
     when given, or ``out[c] += ...`` with ``accumulate``. Callers check :func:`applies` first."""
-    channels, num, length = by_output.shape
-    rows = rows.contiguous()
-    if by_output.stride(2) != 1:
-        by_output = by_output.contiguous()
-    if out is None:
-        if accumulate:
-            raise ValueError("mix_rows: accumulate needs out")
-        out = torch.empty(channels, rows.shape[0], length, dtype=rows.dtype)
-    if rows.shape[1] != num or out.shape != (channels, rows.shape[0], length) or out.stride(2) != 1:
-        raise ValueError(f"mix_rows: rows {tuple(rows.shape)}, cells {tuple(by_output.shape)} and out "
-                         f"{tuple(out.shape)} do not fit")
-    if out.numel():
-        _library().kw_mix_rows(rows.data_ptr(), rows.shape[0], num, by_output.data_ptr(), channels,
-                               by_output.stride(0), by_output.stride(1), length, out.data_ptr(), out.stride(0),
-                               out.stride(1), int(accumulate), torch.get_num_threads())
-    return out
+    return _loaded().mix_rows(rows, by_output, out, accumulate)
 
 
 def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`mix_rows` with respect to its rows: ``sum_c grad[c] @ by_output[c]^T``
     for (c, r, d) ``grad`` and (c, n, d) cells, an (r, n) tensor. Callers check :func:`applies` first."""
-    channels, num, length = by_output.shape
-    if grad.shape[0] != channels or grad.shape[2] != length:
-        raise ValueError(f"rows_gradient: grad {tuple(grad.shape)} does not fit cells {tuple(by_output.shape)}")
-    grad = grad if grad.stride(2) == 1 else grad.contiguous()
-    by_output = by_output if by_output.stride(2) == 1 else by_output.contiguous()
-    out = torch.empty(grad.shape[1], num, dtype=grad.dtype)
-    if out.numel():
-        _library().kw_rows_gradient(grad.data_ptr(), grad.shape[1], grad.stride(0), grad.stride(1),
-                                    by_output.data_ptr(), num, by_output.stride(0), by_output.stride(1), channels,
-                                    length, out.data_ptr(), torch.get_num_threads())
-    return out
+    return _loaded().rows_gradient(grad, by_output)
+
+
+class Kernels:
+    """The kernels of one variant's library (:func:`load`): ``mix_rows`` and ``rows_gradient`` as the
+    module's functions, float32 CPU tensors only."""
+
+    def __init__(self, variant: str, path: Path):
+        self.variant, self.path = variant, path
+        library = ctypes.CDLL(str(path))
+        size, pointer = ctypes.c_long, ctypes.c_void_p
+        library.kw_mix_rows.argtypes = [pointer, size, ctypes.c_int, pointer, size, size, size, size, pointer, size,
+                                        size, ctypes.c_int, ctypes.c_int]
+        library.kw_mix_rows.restype = None
+        library.kw_rows_gradient.argtypes = [pointer, size, size, size, pointer, ctypes.c_int, size, size, size,
+                                             size, pointer, ctypes.c_int]
+        library.kw_rows_gradient.restype = None
+        self._library = library
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.variant!r}, {str(self.path)!r})"
+
+    def mix_rows(self, rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None,
+                 accumulate: bool = False) -> torch.Tensor:
+        """:func:`mix_rows` of this variant."""
+        channels, num, length = by_output.shape
+        rows = rows.contiguous()
+        if by_output.stride(2) != 1:
+            by_output = by_output.contiguous()
+        if out is None:
+            if accumulate:
+                raise ValueError("mix_rows: accumulate needs out")
+            out = torch.empty(channels, rows.shape[0], length, dtype=rows.dtype)
+        if rows.shape[1] != num or out.shape != (channels, rows.shape[0], length) or out.stride(2) != 1:
+            raise ValueError(f"mix_rows: rows {tuple(rows.shape)}, cells {tuple(by_output.shape)} and out "
+                             f"{tuple(out.shape)} do not fit")
+        if out.numel():
+            self._library.kw_mix_rows(rows.data_ptr(), rows.shape[0], num, by_output.data_ptr(), channels,
+                                      by_output.stride(0), by_output.stride(1), length, out.data_ptr(),
+                                      out.stride(0), out.stride(1), int(accumulate), torch.get_num_threads())
+        return out
+
+    def rows_gradient(self, grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
+        """:func:`rows_gradient` of this variant."""
+        channels, num, length = by_output.shape
+        if grad.shape[0] != channels or grad.shape[2] != length:
+            raise ValueError(f"rows_gradient: grad {tuple(grad.shape)} does not fit cells {tuple(by_output.shape)}")
+        grad = grad if grad.stride(2) == 1 else grad.contiguous()
+        by_output = by_output if by_output.stride(2) == 1 else by_output.contiguous()
+        out = torch.empty(grad.shape[1], num, dtype=grad.dtype)
+        if out.numel():
+            self._library.kw_rows_gradient(grad.data_ptr(), grad.shape[1], grad.stride(0), grad.stride(1),
+                                           by_output.data_ptr(), num, by_output.stride(0), by_output.stride(1),
+                                           channels, length, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def _loaded() -> Kernels:
+    kernels = _library()
+    if kernels is None:
+        raise RuntimeError("kernelwarehouse: the native kernels are unavailable (check native.applies first)")
+    return kernels
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
+def _library() -> Kernels | None:
+    """The kernels of this process: the variant asked for or the best one, looked up once."""
     if os.environ.get("KERNELWAREHOUSE_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    wanted, supported = _requested(), supported_variants()
+    compiler = _compiler()
     if compiler is None:
         return None
+    failures = []
+    for name in supported[supported.index(wanted):]:   # a variant that fails to build: the next one
+        kernels = _attempt(name, compiler, _cache())
+        if isinstance(kernels, Kernels):
+            if failures:
+                warnings.warn(f"kernelwarehouse: using the {name} kernels, as {'; '.join(failures)}", RuntimeWarning,
+                              stacklevel=3)
+            return kernels
+        failures.append(f"the {name} kernels failed to build ({kernels})")
+    warnings.warn(f"kernelwarehouse: native kernels unavailable, using PyTorch's products ({'; '.join(failures)})",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _requested() -> str:
+    """The variant ``KERNELWAREHOUSE_ISA`` asks for, if this CPU runs it, else the best it runs."""
+    supported = supported_variants()
+    name = os.environ.get("KERNELWAREHOUSE_ISA", "").strip().lower()
+    if not name:
+        return supported[0]
+    _check_name(name, "KERNELWAREHOUSE_ISA")
+    if name not in supported:
+        warnings.warn(f"kernelwarehouse: KERNELWAREHOUSE_ISA={name}, but this CPU cannot run it ({_lacking(name)}); "
+                      f"using the {supported[0]} kernels", RuntimeWarning, stacklevel=4)
+        return supported[0]
+    return name
+
+
+def _check_name(name: str, where: str) -> None:
+    if name not in VARIANTS:
+        raise ValueError(f"kernelwarehouse: {where}: unknown variant {name!r}, valid ones are {', '.join(VARIANTS)}")
+
+
+def _lacking(name: str) -> str:
+    if platform.machine().lower() not in _X86:
+        return f"not an x86 CPU but {platform.machine()}"
+    return "no " + ", ".join(sorted(_NEEDS[name] - set(_cpu_features().split())))
+
+
+def _supported(flags: str, machine: str) -> tuple[str, ...]:
+    """The variants a CPU with these /proc/cpuinfo flags and this machine name runs, best first."""
+    have, x86 = set(flags.split()), machine.lower() in _X86
+    return tuple(name for name in VARIANTS if not _NEEDS[name] or x86 and _NEEDS[name] <= have)
+
+
+def _select_variant(flags: str, machine: str = "x86_64") -> str:
+    """The variant a CPU with these /proc/cpuinfo flags gets by default: the best one it runs."""
+    return _supported(flags, machine)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _attempt(name: str, compiler: str, cache: Path) -> Kernels | str:
+    """The kernels of a variant, or why they could not be built (remembered: a failed build is not retried)."""
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        return Kernels(name, _build(compiler, name, cache))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"kernelwarehouse: native kernels unavailable, using PyTorch's products ({error})",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    size, pointer = ctypes.c_long, ctypes.c_void_p
-    library.kw_mix_rows.argtypes = [pointer, size, ctypes.c_int, pointer, size, size, size, size, pointer, size,
-                                    size, ctypes.c_int, ctypes.c_int]
-    library.kw_mix_rows.restype = None
-    library.kw_rows_gradient.argtypes = [pointer, size, size, size, pointer, ctypes.c_int, size, size, size, size,
-                                         pointer, ctypes.c_int]
-    library.kw_rows_gradient.restype = None
-    return library
+        return str(error)
 
 
-def _build(compiler: str) -> Path:
-    """Compile ``kernels.c`` into the cache, keyed by source, compiler, flags and CPU, unless there."""
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()):
-        key.update(part)
-    cache = Path(os.environ.get("KERNELWAREHOUSE_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kernelwarehouse")
-    target = cache / f"kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache() -> Path:
+    return cache_dir()
+
+
+def _isa_flags(name: str) -> tuple[tuple[str, ...], ...]:
+    if name == "portable" and platform.machine().lower() in ("aarch64", "arm64"):
+        return (("-mcpu=native",), ())   # -mcpu=native where the compiler takes it
+    return _ISA[name]
+
+
+def _build(compiler: str, variant: str, cache: Path | None = None) -> Path:
+    """Compile ``kernels.c`` for ``variant`` into the cache, keyed by source, compiler, variant, flags and
+    CPU, unless there. The variant's ISA flags are tried in order: the first set the compiler takes."""
+    cache = _cache() if cache is None else cache
+    source = SOURCE.read_bytes()
+    builds = []
+    for isa in _isa_flags(variant):
+        flags = (*FLAGS, *_MACROS[variant], *isa)
+        key = hashlib.sha256()
+        for part in (source, compiler.encode(), variant.encode(), " ".join(flags).encode(), _cpu_features().encode()):
+            key.update(part)
+        builds.append((flags, cache / f"kernels-{variant}-{key.hexdigest()[:16]}.so"))
+    for flags, target in builds:
+        if target.exists():
+            return target
     cache.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=cache, suffix=".so.partial")
-    os.close(handle)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(partial, target)  # atomic: processes building at once each leave a whole file
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return target
+    errors = []
+    for flags, target in builds:
+        handle, partial = tempfile.mkstemp(dir=cache, suffix=".so.partial")
+        os.close(handle)
+        try:
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode == 0:
+                os.replace(partial, target)  # atomic: processes building at once each leave a whole file
+                return target
+            errors.append(f"{compiler} {' '.join(flags[len(FLAGS):])} failed: {done.stderr.strip()[-300:]}")
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    raise OSError("; ".join(errors))
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_features() -> str:
-    """The CPU's instruction-set flags: a library built with -march=native runs only where they match."""
+    """The CPU's instruction-set flags, from /proc/cpuinfo ("flags" on x86, "Features" on ARM)."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+            line = next((line for line in info if line.startswith(("flags", "Features"))), "")
     except OSError:
         return ""
+    return line.partition(":")[2].strip()

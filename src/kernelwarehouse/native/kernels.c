@@ -4,22 +4,74 @@
  *     out[c, r, :] = sum_j rows[r, j] * cells[c, j, :]          (accumulate = 0)
  *     out[c, r, :] += sum_j rows[r, j] * cells[c, j, :]         (accumulate = 1)
  * The inner dimension (the n warehouse cells) is small, 2 to a few hundred, which general matrix
- * products handle poorly; here a block of rows times four vectors of one channel's cells is kept in
+ * products handle poorly; here a block of rows times a few vectors of one channel's cells is kept in
  * registers while the n cells stream through.
+ * kw_rows_gradient: its gradient with respect to the rows, dot products along the length summed in
+ * vectors over a few channels at a time, in an order fixed by the thread count.
+ *
+ * Variants. The vector width and the register blocks are macros, so that this one source builds for
+ * each instruction set. kernelwarehouse.native picks the variant from the CPU's flags in /proc/cpuinfo,
+ * or from KERNELWAREHOUSE_ISA=avx512|avx2|portable, and compiles it with these macros and flags:
+ *
+ *     variant   KW_LANES  mix block (KW_MIX_*)  gradient (KW_GRAD_*)  registers  ISA flags
+ *     avx512    16        6 rows x 4 vectors    4 rows x 4 cells      32 zmm     -mavx512f -mavx512vl -mavx2 -mfma
+ *     avx2       8        6 rows x 2 vectors    3 rows x 3 cells      16 ymm     -mavx2 -mfma
+ *     portable   4        6 rows x 2 vectors    3 rows x 3 cells      16         none (SSE2 on x86-64, NEON)
+ *
+ * A block has to fit the register file: the mix block holds rows x vectors accumulators, one vector of
+ * cells per accumulator column and a broadcast row value (avx2: 12 + 2 + 1 of 16); the gradient block
+ * rows x cells accumulators and the rows + cells vectors loaded at each step (avx2: 9 + 3 + 3 of 16).
+ * A block that does not fit spills its accumulators to memory at every step: the avx512 blocks built for
+ * AVX2, where each 64-byte vector takes two registers, ran kw_mix_rows 8x slower than the avx2 ones.
+ * Without the macros this file builds the portable variant. Build with -ffp-contract=fast (or in a GNU
+ * mode): under -std=c11 GCC otherwise multiplies and adds apart instead of fusing them.
  */
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vec __attribute__((vector_size(64)));   /* 16 floats; the compiler picks the instructions */
-enum { LANES = 16, WIDE = 4, MAX_ROWS = 6 };
+#ifndef KW_LANES
+#define KW_LANES 4            /* floats per vector */
+#endif
+#ifndef KW_MIX_ROWS
+#define KW_MIX_ROWS 6         /* kw_mix_rows: rows per block */
+#endif
+#ifndef KW_MIX_VECTORS
+#define KW_MIX_VECTORS 2      /* kw_mix_rows: vectors along the length per block */
+#endif
+#ifndef KW_GRAD_ROWS
+#define KW_GRAD_ROWS 3        /* kw_rows_gradient: rows per block */
+#endif
+#ifndef KW_GRAD_CELLS
+#define KW_GRAD_CELLS 3       /* kw_rows_gradient: cells per block */
+#endif
+#ifndef KW_GRAD_SPAN
+#define KW_GRAD_SPAN 1024     /* kw_rows_gradient: floats of the channels' lengths per horizontal sum */
+#endif
+#if KW_LANES < 1 || KW_GRAD_SPAN < 1 || KW_MIX_ROWS < 1 || KW_MIX_ROWS > 8 || KW_MIX_VECTORS < 1 \
+    || KW_MIX_VECTORS > 8 || KW_GRAD_ROWS < 1 || KW_GRAD_ROWS > 8 || KW_GRAD_CELLS < 1 || KW_GRAD_CELLS > 8
+#error "kernelwarehouse: blocks take 1 to 8 rows, vectors or cells"
+#endif
 
-static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+typedef float vec __attribute__((vector_size(KW_LANES * sizeof(float))));   /* the compiler picks the instructions */
+enum { LANES = KW_LANES, WIDE = KW_MIX_VECTORS, MAX_ROWS = KW_MIX_ROWS, GRAD_ROWS = KW_GRAD_ROWS,
+       GRAD_CELLS = KW_GRAD_CELLS };
 
-/* rows_in_block x (width vectors) of the output, width in {1, WIDE}; both constant after inlining */
-static inline __attribute__((always_inline)) void block(const int rows_in_block, const int width, const float *rows,
-                                                        int n, const float *cells, long cell_stride, float *out,
-                                                        long out_stride, int accumulate) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* f(k, ...) for the value k = 1..8 of `value`, a run-time number no larger than the compile-time `bound`:
+ * each f is compiled with k constant, and the cases above the bound are left out. */
+#define CASE(k, bound, f, ...) case k: if ((k) <= (bound)) f((k) <= (bound) ? (k) : 1, __VA_ARGS__); break;
+#define DISPATCH(value, bound, f, ...) switch (value) { \
+    CASE(8, bound, f, __VA_ARGS__) CASE(7, bound, f, __VA_ARGS__) CASE(6, bound, f, __VA_ARGS__) \
+    CASE(5, bound, f, __VA_ARGS__) CASE(4, bound, f, __VA_ARGS__) CASE(3, bound, f, __VA_ARGS__) \
+    CASE(2, bound, f, __VA_ARGS__) default: f(1, __VA_ARGS__); }
+
+INLINE vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* rows_in_block x (width vectors) of the output; both constant after inlining */
+INLINE void block(const int rows_in_block, const int width, const float *rows, int n, const float *cells,
+                  long cell_stride, float *out, long out_stride, int accumulate) {
     vec acc[MAX_ROWS][WIDE];
     for (int r = 0; r < rows_in_block; r++)
         for (int k = 0; k < width; k++)
@@ -36,18 +88,22 @@ static inline __attribute__((always_inline)) void block(const int rows_in_block,
         for (int k = 0; k < width; k++) store(out + r * out_stride + k * LANES, acc[r][k]);
 }
 
-#define BY_ROWS(rows_in_block, ...) switch (rows_in_block) { \
-    case 6: block(6, __VA_ARGS__); break; case 5: block(5, __VA_ARGS__); break; \
-    case 4: block(4, __VA_ARGS__); break; case 3: block(3, __VA_ARGS__); break; \
-    case 2: block(2, __VA_ARGS__); break; default: block(1, __VA_ARGS__); }
+INLINE void any_rows(const int width, int rows_in_block, const float *rows, int n, const float *cells,
+                     long cell_stride, float *out, long out_stride, int accumulate) {
+    DISPATCH(rows_in_block, MAX_ROWS, block, width, rows, n, cells, cell_stride, out, out_stride, accumulate)
+}
 
 static void row_block(int rows_in_block, const float *rows, int n, const float *cells, long cell_stride, long length,
                       float *out, long out_stride, int accumulate) {
     long d = 0;
     for (; d + WIDE * LANES <= length; d += WIDE * LANES)
-        BY_ROWS(rows_in_block, WIDE, rows, n, cells + d, cell_stride, out + d, out_stride, accumulate)
-    for (; d + LANES <= length; d += LANES)
-        BY_ROWS(rows_in_block, 1, rows, n, cells + d, cell_stride, out + d, out_stride, accumulate)
+        any_rows(WIDE, rows_in_block, rows, n, cells + d, cell_stride, out + d, out_stride, accumulate);
+    const int vectors = (int)((length - d) / LANES);   /* fewer than WIDE: one narrower block */
+    if (vectors > 0) {
+        DISPATCH(vectors, WIDE - 1, any_rows, rows_in_block, rows, n, cells + d, cell_stride, out + d, out_stride,
+                 accumulate)
+        d += (long)vectors * LANES;
+    }
     for (; d < length; d++)
         for (int r = 0; r < rows_in_block; r++) {
             float sum = accumulate ? out[r * out_stride + d] : 0.0f;
@@ -82,33 +138,53 @@ void kw_mix_rows(const float *rows, long num_rows, int n, const float *cells, lo
     }
 }
 
-/* A block of rows_in_block x cells_in_block dot products of length `length`, added to out (row stride n). */
-static inline __attribute__((always_inline)) void dot_block(const int rows_in_block, const int cells_in_block,
-                                                            const float *grad, long grad_stride, const float *cells,
-                                                            long cell_stride, long length, float *out, int n) {
-    vec acc[3][4];
+/* `count` floats from p, then zeros */
+INLINE vec load_part(const float *p, long count) {
+    vec v = {0};
+    for (long k = 0; k < count; k++) v[k] = p[k];
+    return v;
+}
+
+/* A block of rows_in_block x cells_in_block dot products along the lengths of `channels` channels, added
+ * to out (row stride n): vector sums over all of them, and one horizontal sum each at the end. */
+INLINE void dot_block(const int rows_in_block, const int cells_in_block, const float *grad, long grad_stride,
+                      long grad_channel_stride, const float *cells, long cell_stride, long channel_stride,
+                      long channels, long length, float *out, int n) {
+    vec acc[GRAD_ROWS][GRAD_CELLS];
     for (int r = 0; r < rows_in_block; r++)
         for (int j = 0; j < cells_in_block; j++) acc[r][j] = (vec){0};
-    long d = 0;
-    for (; d + LANES <= length; d += LANES) {
-        vec g[3], e[4];
-        for (int r = 0; r < rows_in_block; r++) g[r] = load(grad + r * grad_stride + d);
-        for (int j = 0; j < cells_in_block; j++) e[j] = load(cells + j * cell_stride + d);
-        for (int r = 0; r < rows_in_block; r++)
-            for (int j = 0; j < cells_in_block; j++) acc[r][j] += g[r] * e[j];
+    for (long c = 0; c < channels; c++) {
+        const float *gc = grad + c * grad_channel_stride, *ec = cells + c * channel_stride;
+        long d = 0;
+        for (; d + LANES <= length; d += LANES) {
+            vec g[GRAD_ROWS], e[GRAD_CELLS];
+            for (int r = 0; r < rows_in_block; r++) g[r] = load(gc + r * grad_stride + d);
+            for (int j = 0; j < cells_in_block; j++) e[j] = load(ec + j * cell_stride + d);
+            for (int r = 0; r < rows_in_block; r++)
+                for (int j = 0; j < cells_in_block; j++) acc[r][j] += g[r] * e[j];
+        }
+        if (d < length) {
+            vec g[GRAD_ROWS], e[GRAD_CELLS];
+            for (int r = 0; r < rows_in_block; r++) g[r] = load_part(gc + r * grad_stride + d, length - d);
+            for (int j = 0; j < cells_in_block; j++) e[j] = load_part(ec + j * cell_stride + d, length - d);
+            for (int r = 0; r < rows_in_block; r++)
+                for (int j = 0; j < cells_in_block; j++) acc[r][j] += g[r] * e[j];
+        }
     }
     for (int r = 0; r < rows_in_block; r++)
         for (int j = 0; j < cells_in_block; j++) {
             float sum = 0.0f;
             for (int k = 0; k < LANES; k++) sum += acc[r][j][k];
-            for (long t = d; t < length; t++) sum += grad[r * grad_stride + t] * cells[j * cell_stride + t];
             out[r * n + j] += sum;
         }
 }
 
-#define BY_CELLS(rows_in_block, cells_in_block, ...) switch (cells_in_block) { \
-    case 4: dot_block(rows_in_block, 4, __VA_ARGS__); break; case 3: dot_block(rows_in_block, 3, __VA_ARGS__); break; \
-    case 2: dot_block(rows_in_block, 2, __VA_ARGS__); break; default: dot_block(rows_in_block, 1, __VA_ARGS__); }
+INLINE void dot_any_rows(const int cells_in_block, int rows_in_block, const float *grad, long grad_stride,
+                         long grad_channel_stride, const float *cells, long cell_stride, long channel_stride,
+                         long channels, long length, float *out, int n) {
+    DISPATCH(rows_in_block, GRAD_ROWS, dot_block, cells_in_block, grad, grad_stride, grad_channel_stride, cells,
+             cell_stride, channel_stride, channels, length, out, n)
+}
 
 /* The gradient of kw_mix_rows with respect to its rows:
  *     out[r, j] = sum_c sum_d grad[c, r, d] * cells[c, j, d]
@@ -119,25 +195,32 @@ void kw_rows_gradient(const float *grad, long num_rows, long grad_channel_stride
                       const float *cells, int n, long channel_stride, long cell_stride, long channels, long length,
                       float *out, int threads) {
     const long size = num_rows * n;
+    const long row_blocks = (num_rows + GRAD_ROWS - 1) / GRAD_ROWS;
+    const int cell_blocks = (n + GRAD_CELLS - 1) / GRAD_CELLS;
+    const long span = length >= KW_GRAD_SPAN ? 1 : (KW_GRAD_SPAN + length - 1) / length;
     float *partial = calloc((size_t)threads * size, sizeof(float));
     if (partial == NULL) threads = 1, partial = out, memset(out, 0, sizeof(float) * size);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < threads; t++) {
         const long first = channels * t / threads, last = channels * (t + 1) / threads;
-        for (long c = first; c < last; c++)
-            for (long r = 0; r < num_rows; r += 3)
-                for (int j = 0; j < n; j += 4) {
-                    const int rows_in_block = num_rows - r < 3 ? (int)(num_rows - r) : 3;
-                    const int cells_in_block = n - j < 4 ? n - j : 4;
+        for (long c = first; c < last; c += span) {   /* a few channels at a time, for fewer horizontal sums */
+            const long tile = last - c < span ? last - c : span;
+            long r = 0;
+            for (long b = 0; b < row_blocks; b++) {   /* blocks of near-equal size, as in kw_mix_rows */
+                const int rows_in_block = (int)((num_rows - r) / (row_blocks - b));
+                int j = 0;
+                for (int q = 0; q < cell_blocks; q++) {
+                    const int cells_in_block = (n - j) / (cell_blocks - q);
                     const float *g = grad + c * grad_channel_stride + r * grad_row_stride;
                     const float *e = cells + c * channel_stride + j * cell_stride;
                     float *o = partial + t * size + r * n + j;
-                    switch (rows_in_block) {
-                    case 3: BY_CELLS(3, cells_in_block, g, grad_row_stride, e, cell_stride, length, o, n) break;
-                    case 2: BY_CELLS(2, cells_in_block, g, grad_row_stride, e, cell_stride, length, o, n) break;
-                    default: BY_CELLS(1, cells_in_block, g, grad_row_stride, e, cell_stride, length, o, n)
-                    }
+                    DISPATCH(cells_in_block, GRAD_CELLS, dot_any_rows, rows_in_block, g, grad_row_stride,
+                             grad_channel_stride, e, cell_stride, channel_stride, tile, length, o, n)
+                    j += cells_in_block;
                 }
+                r += rows_in_block;
+            }
+        }
     }
     if (partial == out) return;
     for (long i = 0; i < size; i++) {

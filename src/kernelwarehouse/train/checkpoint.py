@@ -2,7 +2,8 @@
 
 A checkpoint is a dict with ``format`` = :data:`FORMAT`, ``config`` (the full run config), ``model``
 (state_dict), ``optimizer``, ``scheduler``, ``temperature``, ``ema``, ``scaler``, ``epoch`` (epochs
-done), ``step``, ``best``, ``history`` and ``rng`` (every random state). It loads with
+done), ``step``, ``best``, ``history``, ``rng`` (every random state) and ``path_choices`` (the execution
+paths taken, reused on resume). It loads with
 ``torch.load(weights_only=True)``: only tensors and plain Python values are stored.
 """
 from __future__ import annotations

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..core.attention import KWAttention
 from ..core.build import kw_layers
+from ..core.choice import load_path_choices, path_choices
 from ..baselines.temperature import baseline_temperature, set_baseline_temperature
 from ..core.temperature import TemperatureSchedule
 from ..models.registry import create_model, model_entry
@@ -298,7 +299,7 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "best": self.best, "history": self.history,
                 "steps": self.step_log, "rng": self._gather(rng_state()), "world_size": self.env.world_size,
-                "data_info": asdict(self.info), "params": self.num_parameters}
+                "data_info": asdict(self.info), "params": self.num_parameters, "path_choices": path_choices()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         _unwrap(self.model).load_state_dict(state["model"])
@@ -308,6 +309,7 @@ class Trainer:
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
+        load_path_choices(state.get("path_choices") or {})  # the paths the interrupted run took
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.history, self.step_log = list(state["history"]), list(state["steps"])
         rngs = state["rng"]

@@ -1,0 +1,93 @@
+"""The lean training form of the assembling paths: a per-sample convolution whose backward
+recomputes the assembled weights instead of keeping them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .assembly import assemble_weights, split_into_cells
+from .loop import loop_backward, loop_conv
+from .mix import mix_backward
+from .per_sample import CONV, ConvGeometry, batch_chunks, grouped_conv, linear_per_sample, unfold_conv, weight_backward
+
+#: How the backward of the ``loop`` path may run: by slices of output channels over the input
+#: patches, sample by sample, or in the ``mix`` form (no weight built at all).
+LOOP_BACKWARDS = ("slices", "sample", "mix")
+
+
+def apply_weights(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, path: str) -> torch.Tensor:
+    """Sample b of ``x`` with its assembled ``weight[b]``: one batched matrix product over shifted
+    views for ``unfold``, else one grouped convolution (a plain one for a single sample)."""
+    if not geo.dims:
+        return linear_per_sample(x, weight.flatten(2), None)
+    if path == "unfold":
+        return unfold_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
+    if not torch.compiler.is_compiling() and x.shape[0] == 1:
+        return CONV[geo.dims](x, weight[0], None, geo.stride, geo.padding, geo.dilation, geo.groups)
+    return grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+class RecomputedWeights(torch.autograd.Function):
+    """Per-sample convolution whose backward recomputes the assembled weights.
+
+    Saves only x, the mixture weights (B, m, n) and the warehouse, and works through the batch in
+    chunks (one sample at a time on the ``loop`` and ``patches`` paths) so that few assembled weights
+    exist at any time. With dW the gradient of a chunk's per-sample weights, split into cells
+    (b, m, cell): d(mixture) = dW cells^T and d(cells) = sum_b mixture_b^T dW_b. The backward of the
+    ``loop`` and ``patches`` paths takes one of :data:`LOOP_BACKWARDS`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,  # type: ignore[override]
+                geo: ConvGeometry, path: str, loop_backward_form: str) -> torch.Tensor:
+        ctx.save_for_backward(x, mixture, cells)
+        ctx.geo, ctx.path, ctx.loop_backward_form = geo, path, loop_backward_form
+        if path in ("loop", "patches"):
+            out = loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
+        else:
+            outs = [apply_weights(x[part], assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape),
+                                  geo, path)
+                    for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape))]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.dtype = out.dtype  # under autocast, what the products ran in; backward runs in it too
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        x, mixture, cells = (t.to(ctx.dtype) for t in saved)
+        grad = grad.to(ctx.dtype)
+        geo: ConvGeometry = ctx.geo
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_mixture = torch.empty_like(mixture)
+        one_by_one = ctx.path in ("loop", "patches")
+        if one_by_one and ctx.loop_backward_form == "mix":
+            grad_cells = mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+        elif one_by_one:
+            grad_cells = loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture,
+                                       by_slices=ctx.loop_backward_form == "slices")
+        else:
+            grad_cells = _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+        grads = (grad_x, grad_mixture, grad_cells)
+        return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None, None)
+
+
+def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                      geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+    """Backward of the assembled paths, a chunk of samples at a time; fills grad_x and
+    grad_mixture, returns the cells' gradient."""
+    cells2d = cells.reshape(cells.shape[0], -1)
+    grad_cells = torch.zeros_like(cells2d)
+    for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape)):
+        weight = assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape)
+        gx, gw = weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
+        if grad_x is not None:
+            grad_x[part] = gx
+        per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
+        per_cell = per_cell.reshape(-1, cells2d.shape[1])
+        grad_mixture[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
+        grad_cells.addmm_(mixture[part].reshape(-1, cells.shape[0]).t(), per_cell)
+    return grad_cells.reshape(cells.shape)

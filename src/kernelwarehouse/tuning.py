@@ -1,0 +1,72 @@
+"""Every tuned constant of the execution paths, in one place, with the measurement behind it.
+
+None of these decides which path runs a layer when the choice is measured (the default, see
+:mod:`kernelwarehouse.core.choice`): there they only size the work inside a path, or prune
+candidates that cannot win. The thresholds of the fixed rule (``KERNELWAREHOUSE_PATH_CHOICE=rule``,
+:func:`kernelwarehouse.core.paths.rule_choice`) are here too; the rule is a documented,
+deterministic fallback, not the fast choice. Modules read these at call time, so a test or a user
+may set them (``kernelwarehouse.tuning.LOOP_SLICE_ELEMENTS = ...``).
+
+Machines named below: "EPYC-512" is a 2-core AMD EPYC VM with AVX-512 (torch 2.14.1, 2 threads),
+"Xeon-512" a 2-core Intel Xeon VM with AVX-512, "H100" an NVIDIA H100. ``benchmarks/layers.py``
+measures the per-layer figures again on any machine.
+"""
+from __future__ import annotations
+
+# -- sizes of the work inside a path -------------------------------------------------------------
+
+#: Weight elements one step of the recomputing paths (``grouped``, ``unfold``) assembles at once:
+#: B |W| floats for a ResNet's last stage at batch 32 would outweigh the activations kept for
+#: backward. Larger steps were faster on an H100 but took peak training memory from 1.1x to 2.0x the
+#: static model's.
+CHUNK_ELEMENTS = 1 << 23
+
+#: Weight elements the ``loop`` path builds and applies at once (EPYC-512): a 256x256x3x3 weight in
+#: one piece, a 512x512x3x3 one in slices of 128 output channels, so that the slice, the
+#: convolution's copy of it and the cells it reads share the cache.
+LOOP_SLICE_ELEMENTS = 600_000
+
+#: Output positions up to which the ``loop`` path's per-sample backward takes each weight gradient as
+#: one native product over the sample's patches (EPYC-512: 7.6 ms against 33 ms for the convolution
+#: library's per-sample weight gradient of a ResNet18 layer3 convolution).
+PRODUCT_MAX_POSITIONS = 256
+
+#: Native kernel calls below this many multiply-adds, or along rows shorter than one vector, cost
+#: more than PyTorch's product (EPYC-512: 1.5-3x slower up to 1.5e5 multiply-adds, call and thread
+#: start-up; 1.3x faster at 6e5, 2-3x from 4e6 on).
+NATIVE_MIN_MACS = 1 << 18
+NATIVE_MIN_LENGTH = 16  # one AVX-512 vector, two AVX2 ones
+
+# -- the measured choice ---------------------------------------------------------------------------
+
+#: Timed runs per candidate path, after one untimed warm-up; the fastest run counts (the least
+#: disturbed by other work on the machine).
+MEASURE_REPEATS = 3
+
+#: Candidates pruned before timing, where they cannot win and would make the first step slow:
+#: ``mix`` and the ``loop:mix`` backward where they cost more than this many times the multiply-adds
+#: of assembling (n L |W| / (spatial blocks * input blocks) against (n + L) |W| per sample). Xeon-512,
+#: KW-ResNet18 1x at batch 16: at 1.9x (layer4) ``mix`` was within 2 % of the best path, from 4.2x on
+#: (layer3 and up) it lost by 3-25x, in training too.
+MIX_PRUNE_ADVANTAGE = 3.0
+
+#: ... and the ``loop:slices`` backward on maps of more than this many output positions (Xeon-512,
+#: batch 16: 0.9-1.1x the per-sample backward at 196 positions, 1.2-2.2x slower at 784, 2-5x at 3136).
+SLICES_PRUNE_POSITIONS = 1024
+
+# -- the fixed rule ----------------------------------------------------------------------------------
+
+#: ``mix`` where it spends at most this many times the multiply-adds of assembling (EPYC-512, H100).
+MIX_ADVANTAGE = 2.5
+
+#: The rule takes ``loop`` on CPU only with at least this many input channels per group (a depthwise
+#: convolution of B samples is one depthwise convolution of B * C channels) ...
+LOOP_MIN_INPUTS = 8
+#: ... and at least this many multiply-adds per sample, (n + L) |W| (a call per sample costs tens of
+#: microseconds).
+LOOP_MIN_MACS = 1 << 23
+
+#: The rule's ``loop`` backward goes by slices of output channels up to this many output positions
+#: (EPYC-512: about half the time of the mix form in a ResNet18's last stage; on larger maps the
+#: convolution library's per-sample gradients win).
+SLICED_MAX_POSITIONS = 64
