@@ -27,7 +27,7 @@ def measured(monkeypatch, tmp_path):
     fake: dict[str, float] = {}
     timed: list[str] = []
 
-    def time_candidate(run, device, name):
+    def time_candidate(run, device, name, best):
         run()  # every candidate must run; the clock is fake
         timed.append(name)
         return fake.get(name, 1.0)
@@ -217,7 +217,7 @@ import kernelwarehouse.core.choice as choice
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 preferred = ["grouped", "unfold"][rank]          # each rank's fake clock favours another path
-choice.time_candidate = lambda run, device, name: 0.1 if name == preferred else 1.0
+choice.time_candidate = lambda run, device, name, best: 0.1 if name == preferred else 1.0
 kw.set_path_choice("measured")
 torch.manual_seed(0)
 layer = kw.KWConv2d(8, 8, 3, padding=1)
@@ -258,3 +258,19 @@ def test_training_prunes_paths_that_would_hold_more_than_a_chunk(monkeypatch):
     with torch.no_grad():   # inference holds them for an instant only: not pruned
         assert {"mix", "unfold"} <= set(candidates(LayerCall.of(x, mixture, layer.warehouse.weight,
                                                                 layer._geometry)))
+
+
+def test_timing_keeps_the_fastest_run_and_stops_a_candidate_that_cannot_win(monkeypatch):
+    from kernelwarehouse import tuning
+    clock = [0.0]
+    monkeypatch.setattr(choice.time, "perf_counter", lambda: clock[0])   # a fake clock the runs advance
+    costs, calls = iter([9.0, 5.0, 3.0, 4.0, 9.0, 9.0, 9.0, 9.0]), []
+
+    def run():
+        calls.append(1)
+        clock[0] += next(costs)
+
+    assert choice.time_candidate(run, "cpu", "a") == 3.0    # warm-up (9) untimed, then the best of 5, 3, 4
+    assert len(calls) == 1 + tuning.MEASURE_REPEATS
+    calls.clear()
+    assert choice.time_candidate(run, "cpu", "b", best=3.0) == 9.0 and len(calls) == 2   # over 2x the best: one run

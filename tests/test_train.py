@@ -60,7 +60,7 @@ def test_tau_follows_the_schedule_every_step_and_is_stored(tmp_path):
 def test_checkpoints_store_the_paths_taken_and_resume_reuses_them(tmp_path, monkeypatch):
     import kernelwarehouse as kw
     import kernelwarehouse.core.choice as choice
-    monkeypatch.setattr(choice, "time_candidate", lambda run, device, name: float(len(name)))  # fake timings
+    monkeypatch.setattr(choice, "time_candidate", lambda run, device, name, best: float(len(name)))  # fake timings
     monkeypatch.setattr(choice, "_mode", "measured")
     kw.clear_path_choices()
     Trainer(tiny_config(tmp_path, epochs=1), log=None).fit()
