@@ -182,13 +182,13 @@ def test_candidates_are_pruned_by_what_applies():
     assert "loop:sample" in train and "reference" not in train and not any(c.startswith("patches") for c in train)
     linear = kw.KWLinear(8, 8)
     tokens = torch.randn(2, 3, 8)
-    with torch.no_grad():
+    with torch.no_grad(), kw.native.enabled(False):
         assert candidates(LayerCall.of(tokens, mixture, linear.warehouse.weight, linear._geometry)) == ["grouped"]
 
 
 def test_linear_layer_needs_no_timing(measured):
     fake, timed = measured
-    with torch.no_grad():
+    with torch.no_grad(), kw.native.enabled(False):   # (with the kernels: they and PyTorch's products compete)
         kw.KWLinear(8, 8)(torch.randn(2, 8))
     assert not timed and list(kw.path_choices().values()) == ["grouped"]
 
@@ -274,3 +274,27 @@ def test_timing_keeps_the_fastest_run_and_stops_a_candidate_that_cannot_win(monk
     assert len(calls) == 1 + tuning.MEASURE_REPEATS
     calls.clear()
     assert choice.time_candidate(run, "cpu", "b", best=3.0) == 9.0 and len(calls) == 2   # over 2x the best: one run
+
+
+@pytest.mark.skipif(not kw.native.available(), reason="native kernels not built on this machine")
+def test_pytorch_products_compete_with_the_native_kernels_forward_and_backward(measured, monkeypatch):
+    fake, timed = measured
+    torch.manual_seed(0)
+    layer = kw.KWConv2d(32, 32, 3, padding=1).train()
+    x = torch.randn(4, 32, 8, 8, requires_grad=True)
+    fake["loop:sample@torch"] = 0.1
+    with kw.native.enabled(True):
+        layer(x).square().sum().backward()   # measured: native and PyTorch-product variants both timed
+        assert "loop:sample" in timed and "loop:sample@torch" in timed and "mix@torch" not in timed
+        assert layer.last_path == "loop:sample@torch"
+        want = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("native kernel called for a @torch choice")
+        monkeypatch.setattr(kw.native, "mix_rows", refuse)
+        monkeypatch.setattr(kw.native, "rows_gradient", refuse)
+        layer.zero_grad()
+        x.grad = None
+        layer(x).square().sum().backward()    # the choice is made: forward and backward on PyTorch's products
+    for got, expected in zip([x.grad] + [p.grad for p in layer.parameters()], want):
+        assert torch.equal(got, expected)

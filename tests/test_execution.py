@@ -17,7 +17,7 @@ from kernelwarehouse.core.mix import mix_supported
 from kernelwarehouse.core.paths import LayerCall
 
 FAST_PATHS = ("grouped", "unfold", "mix", "loop", "loop:slices", "loop:sample", "loop:mix", "patches",
-              "patches:slices", "patches:mix", "auto")
+              "patches:slices", "patches:mix", "grouped@torch", "loop:sample@torch", "auto")
 
 # (layer class, constructor kwargs, input shape)
 CASES = {
@@ -156,7 +156,11 @@ def test_execution_path_setting():
     with pytest.raises(ValueError, match="loop:slices"):
         set_execution_path("loop:fast")
     with pytest.raises(ValueError):
-        set_execution_path("grouped:slices")   # only loop has backward forms
+        set_execution_path("grouped:slices")   # only loop and patches have backward forms
+    with execution_path("loop:slices@torch"):   # PyTorch's products in place of the native kernels
+        assert get_execution_path() == "loop:slices@torch"
+    with pytest.raises(ValueError):
+        set_execution_path("loop@fast")
 
 
 def test_kw_conv_matches_layer_forward():

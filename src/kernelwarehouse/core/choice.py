@@ -44,6 +44,7 @@ MODES = ("measured", "rule")
 
 _mode = os.environ.get("KERNELWAREHOUSE_PATH_CHOICE", "measured")
 _table: dict[str, str] = {}
+_by_call: dict[LayerCall, str] = {}  # the same choices, found without building the key text
 _disk: dict[str, dict] | None = None  # this machine's cache file, read once
 
 
@@ -84,11 +85,13 @@ def load_path_choices(choices: Mapping[str, str]) -> None:
             raise ValueError(f"path choices map call keys to path names, got {key!r}: {choice!r}")
         check_choice(choice)
     _table.update(choices)
+    _by_call.clear()
 
 
 def clear_path_choices() -> None:
     """Forget the choices of this process (the cache file stays)."""
     _table.clear()
+    _by_call.clear()
 
 
 def measured(call: LayerCall, candidates: list[str], runner: Callable[[str], Callable[[], None]],
@@ -96,9 +99,13 @@ def measured(call: LayerCall, candidates: list[str], runner: Callable[[str], Cal
     """The measured choice for ``call`` among ``candidates``; ``runner(choice)`` gives a function
     that runs the call along ``choice`` once. ``fallback()`` gives the rule's choice, taken where
     timing cannot run here (inside a saved-tensors hook region such as activation checkpointing)."""
+    choice = _by_call.get(call)
+    if choice is not None:
+        return choice
     key = call.key()
     choice = _table.get(key)
     if choice is not None:
+        _by_call[call] = choice
         return choice
     store = _shared_store(call)
     if store is not None and torch.distributed.get_rank() != 0:
@@ -119,7 +126,7 @@ def measured(call: LayerCall, candidates: list[str], runner: Callable[[str], Cal
             _store(key, choice, times)
     if store is not None and torch.distributed.get_rank() == 0:
         store.set(_STORE_PREFIX + key, choice)
-    _table[key] = choice
+    _table[key] = _by_call[call] = choice
     return choice
 
 

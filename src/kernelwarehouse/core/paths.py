@@ -9,6 +9,7 @@ into a choice: ``auto`` among :func:`candidates` measured (:mod:`.choice`) or, w
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -157,19 +158,26 @@ register(ExecutionPath(
     _one_by_one("patches"), LOOP_BACKWARDS))
 
 
-def split_choice(choice: str) -> tuple[str, str]:
-    """``"loop:slices"`` -> ``("loop", "slices")``; ``"grouped"`` -> ``("grouped", "")``."""
-    name, _, backward = choice.partition(":")
-    return name, backward
+#: The suffix of a choice that runs with PyTorch's products in place of the native kernels.
+TORCH_PRODUCTS = "@torch"
+
+
+def split_choice(choice: str) -> tuple[str, str, bool]:
+    """``"loop:slices@torch"`` -> ``("loop", "slices", True)``: the path, its backward form (or
+    ``""``), and whether PyTorch's products replace the native kernels (forward and backward)."""
+    torch_products = choice.endswith(TORCH_PRODUCTS)
+    name, _, backward = choice.removesuffix(TORCH_PRODUCTS).partition(":")
+    return name, backward, torch_products
 
 
 def check_choice(choice: str) -> str:
     """``choice`` if it names a registered path (and backward form), else ValueError."""
-    name, backward = split_choice(choice)
+    name, backward, _ = split_choice(choice)
     if name not in REGISTRY or (backward and backward not in REGISTRY[name].backwards):
         forms = [f"{p.name}:{b}" for p in REGISTRY.values() for b in p.backwards]
         raise ValueError(f"execution path must be 'auto', one of {tuple(REGISTRY)} or a path with its "
-                         f"backward form, one of {tuple(forms)}; got {choice!r}")
+                         f"backward form, one of {tuple(forms)}, each optionally with {TORCH_PRODUCTS!r} "
+                         f"(PyTorch's products in place of the native kernels); got {choice!r}")
     return choice
 
 
@@ -198,6 +206,9 @@ def candidates(call: LayerCall) -> list[str]:
                       if path.backward_supported(form, call) and not _pruned_backward(form, call)]
         else:
             found.append(path.name)
+    if call.device.startswith("cpu") and not call.device.endswith(":pytorch"):
+        # the native kernels against PyTorch's products, which may be the faster (MKL on Intel CPUs)
+        found += [f"{choice}{TORCH_PRODUCTS}" for choice in found if not choice.startswith("mix")]
     return found
 
 
@@ -281,20 +292,22 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
 def run_choice(choice: str, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
                lean: bool, call: LayerCall) -> torch.Tensor:
     """Run ``choice`` (already resolved for ``call``): the output without bias."""
-    name, backward = split_choice(choice)
+    name, backward, torch_products = split_choice(choice)
     path = REGISTRY[name]
     if lean and path.backwards and not backward:
         backward = loop_backward_rule(call)
-    return path.forward(x, mixture, cells, geo, backward, lean)
+    with native.enabled(False) if torch_products else contextlib.nullcontext():
+        return path.forward(x, mixture, cells, geo, backward, lean)
 
 
 def fall_back(choice: str, call: LayerCall) -> str:
     """A requested path where it applies; where not (``mix`` with groups, ``loop`` while a graph is
     built or on a linear layer), ``grouped``; an unsupported backward form becomes the rule's."""
-    name, backward = split_choice(choice)
+    name, backward, torch_products = split_choice(choice)
     path = REGISTRY[name]
+    suffix = TORCH_PRODUCTS if torch_products else ""
     if not path.supports(call):
-        return "grouped"
+        return "grouped" + suffix
     if backward and not path.backward_supported(backward, call):
-        return name
+        return name + suffix
     return choice

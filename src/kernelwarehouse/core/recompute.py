@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 
+import contextlib
+
 import torch
 
+from .. import native
 from .assembly import assemble_weights, split_into_cells
 from .loop import loop_backward, loop_conv
 from .mix import mix_backward
@@ -44,6 +47,7 @@ class RecomputedWeights(torch.autograd.Function):
                 geo: ConvGeometry, path: str, loop_backward_form: str) -> torch.Tensor:
         ctx.save_for_backward(x, mixture, cells)
         ctx.geo, ctx.path, ctx.loop_backward_form = geo, path, loop_backward_form
+        ctx.native = native.is_enabled()  # backward uses the products forward used
         if path in ("loop", "patches"):
             out = loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
         else:
@@ -60,19 +64,24 @@ class RecomputedWeights(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, mixture, cells = (t.to(ctx.dtype) for t in saved)
         grad = grad.to(ctx.dtype)
-        geo: ConvGeometry = ctx.geo
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_mixture = torch.empty_like(mixture)
-        one_by_one = ctx.path in ("loop", "patches")
-        if one_by_one and ctx.loop_backward_form == "mix":
-            grad_cells = mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
-        elif one_by_one:
-            grad_cells = loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture,
-                                       by_slices=ctx.loop_backward_form == "slices")
-        else:
-            grad_cells = _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+        with contextlib.nullcontext() if ctx.native else native.enabled(False):
+            grad_cells = _backward(ctx, x, mixture, cells, grad, grad_x, grad_mixture)
         grads = (grad_x, grad_mixture, grad_cells)
         return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None, None)
+
+
+def _backward(ctx, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+              grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+    """The backward form ``ctx`` asks for; fills grad_x and grad_mixture, returns the cells' gradient."""
+    geo: ConvGeometry = ctx.geo
+    if ctx.path not in ("loop", "patches"):
+        return _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+    if ctx.loop_backward_form == "mix":
+        return mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+    return loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture,
+                         by_slices=ctx.loop_backward_form == "slices")
 
 
 def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,

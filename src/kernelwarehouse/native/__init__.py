@@ -50,7 +50,7 @@ import torch
 from .. import tuning
 from ..cache import cache_dir
 
-__all__ = ["VARIANTS", "Kernels", "applies", "available", "enabled", "load", "mix_rows", "rows_gradient",
+__all__ = ["VARIANTS", "Kernels", "applies", "available", "enabled", "is_enabled", "load", "mix_rows", "rows_gradient",
            "supported_variants", "variant", "worthwhile"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -90,6 +90,11 @@ def enabled(flag: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def is_enabled() -> bool:
+    """Whether the kernels may be used here (False inside ``enabled(False)``)."""
+    return _enabled
 
 
 def available() -> bool:
