@@ -3,7 +3,7 @@
 A path is an :class:`ExecutionPath` (what it supports, how it runs forward, which backward forms it
 has), registered in :data:`REGISTRY`. A *choice* names a path and, for a path with several
 backward forms, one of them: ``"loop:slices"``; a bare ``"loop"`` lets the fixed rule pick the
-form. :func:`.execution.resolve_path` turns the requested path of one call (a :class:`LayerCall`)
+form. A suffix ``@torch`` runs the choice on PyTorch's products in place of the native kernels. :func:`.execution.resolve_path` turns the requested path of one call (a :class:`LayerCall`)
 into a choice: ``auto`` among :func:`candidates` measured (:mod:`.choice`) or, with
 ``KERNELWAREHOUSE_PATH_CHOICE=rule`` and while a graph is built, taken from :func:`rule_choice`.
 """
