@@ -40,6 +40,21 @@ def test_kw_bench_cli_json(capsys):
     assert result["native_kernels"] == kernelwarehouse.native.available()
 
 
+def test_kw_bench_names_the_kernels_and_the_path_of_each_layer(capsys):
+    assert main(["bench", "--model", "kw_resnet18", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
+                 "--memory-batch-size", "0", "--show-paths"]) == 0
+    out = capsys.readouterr().out
+    assert "paths rule" in out   # the suite runs the fixed rule
+    if kernelwarehouse.native.available():
+        assert f"native kernels ({kernelwarehouse.native.variant()})" in out
+    table = out.split("path of each layer, per figure:")[1].splitlines()
+    assert table[1].startswith("| layer | inference b2 | inference b1 | train step b2 |")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[3:] if line.startswith("|")}
+    assert len(rows) == 19 and rows["layer4.1.conv2"] in kernelwarehouse.core.execution.PATHS + ("loop:slices",)
+    assert main(["bench", "--path", "fastest"]) == 2
+    assert "execution path must be 'auto'" in capsys.readouterr().err
+
+
 def test_kw_bench_without_native_kernels(capsys, monkeypatch):
     used = []
     monkeypatch.setattr(kernelwarehouse.native, "mix_rows", lambda *a, **k: used.append(1))

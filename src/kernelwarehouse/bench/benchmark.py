@@ -17,6 +17,7 @@ from .. import native
 from ..core.build import chosen_paths
 from ..core.choice import get_path_choice
 from ..core.execution import execution_path
+from ..core.paths import check_choice
 from ..core.temperature import set_temperature
 from ..models.registry import create_model, format_budget, model_entry, parse_budget
 from .macs import count_macs
@@ -100,6 +101,8 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
                          f"{batch_size}, {repeats}, {image_size}")
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
+    if path != "auto":
+        check_choice(path)  # before any model is built
     entry = model_entry(model)
     if entry.kind == "static":
         raise ValueError(f"{model!r} is a static model; benchmark a KernelWarehouse model (kw_*) or a baseline")
