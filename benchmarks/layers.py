@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="grouped,unfold,mix,loop,auto", help="inference paths, comma-separated")
-    parser.add_argument("--train-paths", default="grouped,loop:slices,loop:sample,loop:mix,auto",
+    parser.add_argument("--paths", default="grouped,unfold,mix,loop,patches,auto",
+                        help="inference paths, comma-separated (PATH@torch: with PyTorch's products)")
+    parser.add_argument("--train-paths", default="grouped,loop:slices,loop:sample,loop:mix,patches:slices,auto",
                         help="training paths ('' for none); loop:FORM names the loop path's backward form")
     parser.add_argument("--only", default="", help="time only layers whose name contains this")
     args = parser.parse_args(argv)
