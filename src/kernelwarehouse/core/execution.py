@@ -46,7 +46,8 @@ from .paths import (REGISTRY, LayerCall, candidates, check_choice, choose_path, 
 from .per_sample import ConvGeometry, add_bias, conv_per_sample, linear_per_sample
 
 __all__ = ["PATHS", "ConvGeometry", "assemble_weights", "choose_path", "conv_per_sample", "execution_path",
-           "get_execution_path", "kw_conv", "linear_per_sample", "resolve_path", "set_execution_path",
+           "get_execution_path", "kw_conv", "kw_conv_and_choice", "linear_per_sample", "resolve_path",
+           "set_execution_path",
            "split_into_cells"]
 
 #: The paths one can ask for; a path with several backward forms also takes ``"path:form"``.
@@ -94,9 +95,7 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
              path: str) -> str:
     if path != "auto":
         return fall_back(path, call)
-    if call.graph:
-        return rule_choice(call)
-    if get_path_choice() == "rule":
+    if call.graph or get_path_choice() == "rule":
         return rule_choice(call)
 
     def runner(choice: str):
@@ -121,9 +120,15 @@ def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: t
             geo: ConvGeometry, path: str | None = None) -> torch.Tensor:
     """A KernelWarehouse convolution (or linear, ``geo.dims == 0``) along ``path`` (default: the
     global setting, see :func:`set_execution_path`). All paths compute the same function."""
+    return kw_conv_and_choice(x, mixture, cells, bias, geo, path)[0]
+
+
+def kw_conv_and_choice(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
+                       geo: ConvGeometry, path: str | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`kw_conv` and the choice it ran (see :func:`resolve_path`), resolved once."""
     call = LayerCall.of(x, mixture, cells, geo)
     choice = _resolve(call, x, mixture, cells, geo, path or _path)
     out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
     if not geo.dims:
-        return out if bias is None else out + bias.to(out.dtype)
-    return add_bias(out, bias)
+        return (out if bias is None else out + bias.to(out.dtype)), choice
+    return add_bias(out, bias), choice

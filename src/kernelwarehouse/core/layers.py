@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .attention import KWAttention
-from .execution import ConvGeometry, assemble_weights, kw_conv, resolve_path
+from .execution import ConvGeometry, assemble_weights, kw_conv, kw_conv_and_choice
 from .per_sample import building_graph
 from .plan import LayerPlan, LayerSpec, plan_warehouses
 from .warehouse import Warehouse
@@ -54,11 +54,10 @@ class KWLayer(nn.Module):
     last_path: str | None = None
 
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
-        cells = self.warehouse.weight
-        if building_graph():
-            return kw_conv(x, mixture, cells, self.bias, self._geometry)
-        self.last_path = resolve_path(x, mixture, cells, self._geometry)
-        return kw_conv(x, mixture, cells, self.bias, self._geometry, self.last_path)
+        if building_graph():  # no module state changes inside a traced or compiled graph
+            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry)
+        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias, self._geometry)
+        return out
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
         """Mixture weights (B, m, n) for pooled inputs (B, C_in)."""
