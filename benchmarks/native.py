@@ -13,7 +13,6 @@ of interleaved repeats in GMAC/s (multiply-adds r n c_out c_in per second), with
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -22,14 +21,6 @@ from typing import Callable
 import torch
 
 import kernelwarehouse.native as native
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"kernels not available: {', '.join(missing)}", file=sys.stderr)
         return 1
-    print(f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; this process's variant "
+    print(f"{native.cpu_model()}, {args.threads} threads, torch {torch.__version__}; this process's variant "
           f"{native.variant()}, supported {', '.join(native.supported_variants())}")
     print("GMAC/s, median of", args.repeats, "interleaved repeats, and the ratio to PyTorch's product")
     widths = [11, 17, 8] + [16] * len(names)

@@ -23,26 +23,10 @@ from kernelwarehouse.bench.benchmark import benchmark, format_paths
 
 
 def machine() -> str:
-    if torch.cuda.is_available() and torch.cuda.device_count():
-        gpu = torch.cuda.get_device_name(0)
-    else:
-        gpu = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    isa = "AVX-512" if "avx512f" in _cpu_flags() else "AVX2" if "avx2" in _cpu_flags() else platform.machine()
-    return f"{cpu} ({isa})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and torch.cuda.device_count() else None
+    flags = set(native.cpu_features().split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return f"{native.cpu_model()} ({isa})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,7 @@ def test_variant_chosen_by_the_environment(relook, monkeypatch, variant):
 
 @needs_kernels
 def test_a_variant_the_cpu_cannot_run_falls_back_with_a_warning(fresh_library, monkeypatch):
-    monkeypatch.setattr(native, "_cpu_features", lambda: "fpu sse sse2")   # a CPU without AVX
+    monkeypatch.setattr(native, "cpu_features", lambda: "fpu sse sse2")   # a CPU without AVX
     monkeypatch.setenv("KERNELWAREHOUSE_ISA", "avx512")
     with pytest.warns(RuntimeWarning, match="KERNELWAREHOUSE_ISA=avx512, but this CPU cannot run it"):
         assert native.variant() == "portable"

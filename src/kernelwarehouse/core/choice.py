@@ -21,10 +21,10 @@ so a resumed run takes the paths of the run it continues.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -180,16 +180,10 @@ def cache_file() -> Path | None:
     return cache_dir() / f"paths-{digest}.json"
 
 
+@functools.lru_cache(maxsize=None)
 def _machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = info.read().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    machine = {"cpu": cpu, "isa": hashlib.sha256(flags.encode()).hexdigest()[:12],
+    """What identifies this machine's timings (read once per process)."""
+    machine = {"cpu": native.cpu_model(), "isa": hashlib.sha256(native.cpu_features().encode()).hexdigest()[:12],
                "native": str(native.variant())}
     if torch.cuda.is_available():
         machine["gpus"] = ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

@@ -47,8 +47,7 @@ from .per_sample import ConvGeometry, add_bias, conv_per_sample, linear_per_samp
 
 __all__ = ["PATHS", "ConvGeometry", "assemble_weights", "choose_path", "conv_per_sample", "execution_path",
            "get_execution_path", "kw_conv", "kw_conv_and_choice", "linear_per_sample", "resolve_path",
-           "set_execution_path",
-           "split_into_cells"]
+           "set_execution_path", "split_into_cells"]
 
 #: The paths one can ask for; a path with several backward forms also takes ``"path:form"``.
 PATHS = ("auto", *REGISTRY)

@@ -50,7 +50,8 @@ import torch
 from .. import tuning
 from ..cache import cache_dir
 
-__all__ = ["VARIANTS", "Kernels", "applies", "available", "enabled", "is_enabled", "load", "mix_rows", "rows_gradient",
+__all__ = ["VARIANTS", "Kernels", "applies", "available", "cpu_features", "cpu_model", "enabled", "is_enabled",
+           "load", "mix_rows", "rows_gradient",
            "supported_variants", "variant", "worthwhile"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -111,7 +112,7 @@ def variant() -> str | None:
 
 def supported_variants() -> tuple[str, ...]:
     """The variants this CPU runs, best first; ``"portable"`` always."""
-    return _supported(_cpu_features(), platform.machine())
+    return _supported(cpu_features(), platform.machine())
 
 
 def load(name: str) -> Kernels | None:
@@ -273,7 +274,7 @@ def _check_name(name: str, where: str) -> None:
 def _lacking(name: str) -> str:
     if platform.machine().lower() not in _X86:
         return f"not an x86 CPU but {platform.machine()}"
-    return "no " + ", ".join(sorted(_NEEDS[name] - set(_cpu_features().split())))
+    return "no " + ", ".join(sorted(_NEEDS[name] - set(cpu_features().split())))
 
 
 def _supported(flags: str, machine: str) -> tuple[str, ...]:
@@ -319,7 +320,7 @@ def _build(compiler: str, variant: str, cache: Path | None = None) -> Path:
     for isa in _isa_flags(variant):
         flags = (*FLAGS, *_MACROS[variant], *isa)
         key = hashlib.sha256()
-        for part in (source, compiler.encode(), variant.encode(), " ".join(flags).encode(), _cpu_features().encode()):
+        for part in (source, compiler.encode(), variant.encode(), " ".join(flags).encode(), cpu_features().encode()):
             key.update(part)
         builds.append((flags, cache / f"kernels-{variant}-{key.hexdigest()[:16]}.so"))
     for flags, target in builds:
@@ -344,11 +345,20 @@ def _build(compiler: str, variant: str, cache: Path | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_features() -> str:
+def cpu_features() -> str:
     """The CPU's instruction-set flags, from /proc/cpuinfo ("flags" on x86, "Features" on ARM)."""
+    return _cpuinfo(("flags", "Features"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
+    return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
+
+
+def _cpuinfo(fields: tuple[str, ...]) -> str:
     try:
         with open("/proc/cpuinfo") as info:
-            line = next((line for line in info if line.startswith(("flags", "Features"))), "")
+            line = next((line for line in info if line.startswith(fields)), "")
     except OSError:
         return ""
     return line.partition(":")[2].strip()
