@@ -117,25 +117,27 @@ def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tenso
     per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
     step = _slice_channels(channels, per_channel, geo)
     kernel_first = geo.grid[0] > 1
-    whole = geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS
-    cols, size = patches(x if not whole else x[:1], geo, kernel_first)
-    out = None
     rows = [_sample_rows(mixture[b], geo) for b in range(batch)]
     buffer = _weight_buffer(rows[0][:1], by_output[:step])
-    for b in range(batch) if whole else [None]:
-        if whole:  # one sample's patches at a time: the whole weight is applied at once
-            cols = cols if b == 0 else patches(x[b:b + 1], geo, kernel_first)[0]
-        for block in range(geo.grid[1]):
-            for start in range(0, channels, step):
-                part = by_output[start:start + step]
-                weight = None if buffer is None else buffer[:part.shape[0]]
-                first = block * channels + start
-                for sample in [b] if whole else range(batch):
-                    w = mix_rows(rows[sample][block], part, out=weight).reshape(part.shape[0], -1)
-                    y = torch.mm(w, cols[0 if whole else sample].t())
-                    if out is None:
-                        out = y.new_empty(batch, geo.weight_shape[0], y.shape[1])
-                    out[sample, first:first + part.shape[0]] = y
+    slices = [(block, start) for block in range(geo.grid[1]) for start in range(0, channels, step)]
+
+    def apply(sample: int, block: int, start: int, cols: torch.Tensor) -> torch.Tensor:
+        part = by_output[start:start + step]
+        weight = mix_rows(rows[sample][block], part, out=None if buffer is None else buffer[:part.shape[0]])
+        return torch.mm(weight.reshape(part.shape[0], -1), cols.t())
+
+    outs: dict[tuple[int, int, int], torch.Tensor] = {}
+    if geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
+        for b in range(batch):  # one sample's patches at a time, its whole weight applied to them
+            cols, size = patches(x[b:b + 1], geo, kernel_first)
+            for block, start in slices:
+                outs[b, block, start] = apply(b, block, start, cols[0])
+    else:  # slices outside, samples inside: each slice of the warehouse is read once for the batch
+        cols, size = patches(x, geo, kernel_first)
+        for block, start in slices:
+            for b in range(batch):
+                outs[b, block, start] = apply(b, block, start, cols[b])
+    out = torch.stack([torch.cat([outs[b, block, start] for block, start in slices]) for b in range(batch)])
     return out.reshape(batch, geo.weight_shape[0], *size)
 
 
