@@ -9,8 +9,8 @@ the model, no random number is drawn), so a measured step computes what an unmea
 
 Choices persist in a JSON file in ``$KERNELWAREHOUSE_CACHE`` (default
 ``~/.cache/kernelwarehouse``), one per machine (CPU model and instruction set, native kernels
-variant, torch and package versions), written atomically; a damaged file is ignored with a
-warning. ``KERNELWAREHOUSE_PATH_CACHE=0`` keeps choices in memory only.
+variant, torch and package versions, the registered paths), written atomically; a damaged file is
+ignored with a warning. ``KERNELWAREHOUSE_PATH_CACHE=0`` keeps choices in memory only.
 
 ``KERNELWAREHOUSE_PATH_CHOICE=rule`` (or :func:`set_path_choice` / :func:`path_choice`) replaces
 timing by the fixed rule :func:`.paths.rule_choice`: deterministic across machines, for tests.
@@ -35,7 +35,7 @@ import torch
 
 from .. import native, tuning
 from ..cache import cache_dir
-from .paths import LayerCall, check_choice
+from .paths import REGISTRY, LayerCall, check_choice
 
 __all__ = ["MODES", "cache_file", "clear_path_choices", "get_path_choice", "load_path_choices", "path_choice",
            "path_choices", "set_path_choice"]
@@ -175,7 +175,8 @@ def cache_file() -> Path | None:
     if os.environ.get("KERNELWAREHOUSE_PATH_CACHE", "1") == "0":
         return None
     from .. import __version__
-    identity = json.dumps(_machine(), sort_keys=True) + torch.__version__ + __version__
+    # the registered paths too: choices made before a path was added would never time it
+    identity = json.dumps(_machine(), sort_keys=True) + torch.__version__ + __version__ + ",".join(REGISTRY)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_dir() / f"paths-{digest}.json"
 
