@@ -49,9 +49,9 @@ def test_dynamic_layers_follow_the_odconv_models():
     assert type(model.conv1) is nn.Conv2d
     mobile = create_model("odconv_mobilenetv2_100", kernel_num=1)
     convs = [n for n, m in mobile.named_modules() if isinstance(m, (nn.Conv2d, ODConv2d))]
-    assert [n for n in convs if not isinstance(mobile.get_submodule(n), ODConv2d)] == ["features.0.0"]
-    assert isinstance(mobile.get_submodule("features.18.0"), ODConv2d)
-    assert mobile.get_submodule("features.2.conv.1.0").attention.filter_fc is None   # depthwise
+    assert [n for n in convs if not isinstance(mobile.get_submodule(n), ODConv2d)] == ["conv_stem"]
+    assert isinstance(mobile.get_submodule("conv_head"), ODConv2d)
+    assert mobile.get_submodule("blocks.1.0.conv_dw").attention.filter_fc is None   # depthwise
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
@@ -74,7 +74,7 @@ def test_forward_backward_small_input(name):
 def test_layer_options_pass_through_and_build_baseline_on_any_model():
     model = create_model("odconv_mobilenetv2_050", kernel_num=1, reduction=1 / 4, temperature=30.0,
                          num_classes=3)
-    layer = model.get_submodule("features.18.0")
+    layer = model.get_submodule("conv_head")
     assert layer.attention.fc.out_features == 160 / 4 * 1 and layer.temperature == 30.0
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, bias=True).double())
     build_baseline(net, ["2"], "dyconv", kernel_num=3)
@@ -127,7 +127,7 @@ def test_kw_models_lists_baselines_by_kernel_count(monkeypatch, capsys):
                                   "odconv_mobilenetv2_050", "dyconv_resnet18", "condconv_resnet18"])
 def test_one_digits_epoch_through_the_trainer(name, tmp_path):
     from kernelwarehouse.train import TrainConfig, Trainer
-    kwargs = {"base_width": 8} if "resnet" in name else {}
+    kwargs = {"channels": (8, 16, 32, 64), "stem_width": 8} if "resnet" in name else {}
     config = TrainConfig(model=name, data="digits", epochs=1, batch_size=16, limit_train=48, limit_val=32,
                          output=str(tmp_path / name), model_kwargs={"kernel_num": 4, **kwargs})
     history = Trainer(config).fit()

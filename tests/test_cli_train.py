@@ -13,7 +13,7 @@ from kernelwarehouse.bench import count_macs
 from kernelwarehouse.train import load_checkpoint
 
 TRAIN = ["train", "--data", "digits", "--epochs", "2", "--batch-size", "16", "--limit-train", "96",
-         "--limit-val", "48", "--model-kwargs", "base_width=4", "--device", "cpu", "--temp-epochs", "1"]
+         "--limit-val", "48", "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu", "--temp-epochs", "1"]
 
 
 def run_kw(capsys, *argv: str) -> tuple[int, str, str]:
@@ -39,10 +39,10 @@ def test_train_writes_checkpoints_metrics_and_prints_epochs(trained, capsys):
     run = trained / "kw"
     assert {"last.pt", "best.pt", "metrics.csv", "metrics.json", "steps.csv", "config.json"} <= set(digest(run))
     state = load_checkpoint(run / "last.pt")
-    assert state["config"]["model_kwargs"] == {"base_width": 4} and state["config"]["ema"] is True
+    assert state["config"]["model_kwargs"] == {"channels": (4, 8, 16, 32), "stem_width": 4} and state["config"]["ema"] is True
     assert state["epoch"] == 2 and state["data_info"]["num_classes"] == 10
     assert state["params"] == sum(p.numel() for p in create_model(
-        "kw_resnet18", budget=0.5, num_classes=10, in_chans=1, small_input=True, base_width=4).parameters())
+        "kw_resnet18", budget=0.5, num_classes=10, in_chans=1, small_input=True, channels=(4, 8, 16, 32), stem_width=4).parameters())
 
 
 def test_eval_reports_accuracy_params_and_macs(trained, capsys):
@@ -54,8 +54,8 @@ def test_eval_reports_accuracy_params_and_macs(trained, capsys):
     assert result["samples"] == 48 and result["epoch"] == 2
     assert result["top1"] == pytest.approx(last["val_top1"]) and result["top5"] == pytest.approx(last["val_top5"])
     assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-4)
-    model = create_model("kw_resnet18", budget=0.5, num_classes=10, in_chans=1, small_input=True, base_width=4)
-    static = create_model("resnet18", num_classes=10, in_chans=1, small_input=True, base_width=4)
+    model = create_model("kw_resnet18", budget=0.5, num_classes=10, in_chans=1, small_input=True, channels=(4, 8, 16, 32), stem_width=4)
+    static = create_model("resnet18", num_classes=10, in_chans=1, small_input=True, channels=(4, 8, 16, 32), stem_width=4)
     assert result["params"] == sum(p.numel() for p in model.parameters())
     assert result["macs"] == count_macs(model, (1, 8, 8)).total > count_macs(static, (1, 8, 8)).total
     code, out, _ = run_kw(capsys, "eval", "--checkpoint", str(trained / "kw" / "last.pt"), "--ema")
@@ -131,6 +131,7 @@ def test_recipes_list_the_papers_recipes(capsys):
             recipes["resnet"]["weight_decay"], recipes["resnet"]["temp_epochs"]) == (100, 0.1, 256, 1e-4, 20)
     assert (recipes["mobilenetv2"]["epochs"], recipes["mobilenetv2"]["temp_epochs"]) == (150, 15)
     assert (recipes["convnext"]["epochs"], recipes["convnext"]["optimizer"]) == (300, "adamw")
+    assert (recipes["deit"]["epochs"], recipes["deit"]["mixup"], recipes["deit"]["ema"]) == (300, 0.8, False)
     code, out, _ = run_kw(capsys, "recipes")
     assert code == 0 and "resnet" in out and "convnext" in out
 
@@ -141,11 +142,28 @@ def test_a_recipe_runs_on_an_image_folder(tmp_path, capsys):
     root = write_image_folder(tmp_path / "images", per_class=4)
     code, out, err = run_kw(capsys, "train", "--recipe", "resnet", "--model", "resnet18", "--data", str(root),
                             "--image-size", "16", "--epochs", "1", "--batch-size", "4", "--model-kwargs",
-                            "base_width=4", "--output", str(tmp_path / "run"), "--device", "cpu")
+                            "channels=(4,8,16,32)", "stem_width=4", "--output", str(tmp_path / "run"), "--device", "cpu")
     assert code == 0, err
     config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
     assert (config["recipe"], config["scheduler"], config["weight_decay"], config["epochs"]) == ("resnet", "step",
                                                                                                  1e-4, 1)
+
+
+def test_the_convnext_recipe_regularises_with_timms_pipeline(tmp_path, capsys):
+    from test_data import write_image_folder
+
+    root = write_image_folder(tmp_path / "images", per_class=4)
+    code, out, err = run_kw(capsys, "train", "--recipe", "convnext", "--model", "kw_resnet18", "--budget", "1",
+                            "--data", str(root), "--image-size", "72", "--epochs", "1", "--batch-size", "3",
+                            "--lr", "1e-3", "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4",
+                            "--output", str(tmp_path / "run"), "--device", "cpu")
+    assert code == 0, err
+    config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert (config["mixup"], config["cutmix"], config["random_erasing"], config["rand_augment"], config["ema"]) == \
+        (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1", True)
+    code, _, err = run_kw(capsys, "train", "--model", "resnet18", "--data", "digits", "--rand-augment",
+                          "rand-m9-mstd0.5-inc1", "--epochs", "1", "--output", str(tmp_path / "bad"))
+    assert code == 2 and "apply to ImageFolder data" in err
 
 
 def test_resume_continues_a_finished_run_for_more_epochs(trained, tmp_path, capsys):
@@ -216,7 +234,7 @@ def test_bad_checkpoints_are_refused(kind, tmp_path, capsys):
     (["--budget", "4"], "budget: '1/2' -> '4'"),
     (["--model", "kw_mobilenetv2_050"], "model: 'kw_resnet18' -> 'kw_mobilenetv2_050'"),
     (["--data", "{cifar}"], "data: 'digits'"),
-    (["--model-kwargs", "base_width=8"], "model_kwargs"),
+    (["--model-kwargs", "stem_width=8"], "model_kwargs"),
 ])
 def test_resume_with_a_changed_run_is_refused_and_damages_nothing(trained, change, named, tmp_path, capsys):
     from test_data import write_cifar
@@ -267,7 +285,7 @@ def test_baseline_temperature_is_annealed_by_the_trainer(tmp_path):
     from kernelwarehouse.train import TrainConfig, Trainer
     config = TrainConfig(model="odconv_resnet18", data="digits", epochs=1, batch_size=16, limit_train=64,
                          limit_val=32, temp_epochs=2, output=str(tmp_path / "od"),
-                         model_kwargs={"base_width": 4})
+                         model_kwargs={"channels": (4, 8, 16, 32), "stem_width": 4})
     trainer = Trainer(config)
     trainer.fit()
     layer = trainer.model.layer1[0].conv1

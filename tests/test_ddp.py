@@ -19,7 +19,7 @@ def test_two_process_ddp_training(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "kernelwarehouse.cli", "train", "--model", "kw_resnet18", "--budget", "1/2", "--data", "digits",
                "--epochs", "2", "--batch-size", "8", "--temp-epochs", "1", "--limit-train", "64", "--limit-val", "17",
-               "--model-kwargs", "base_width=4", "--device", "cpu", "--output", str(output), "--log-interval", "1"]
+               "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu", "--output", str(output), "--log-interval", "1"]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,7 +17,7 @@ from kernelwarehouse.train import ModelEma, TrainConfig, Trainer, load_checkpoin
 from kernelwarehouse.train.checkpoint import save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = {"base_width": 4}
+TINY = {"channels": (4, 8, 16, 32), "stem_width": 4}
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
@@ -143,7 +143,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 def _train_command(output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "kernelwarehouse.cli", "train", "--model", "kw_resnet18", "--budget", "1",
             "--data", "digits", "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--temp-epochs", "2",
-            "--limit-train", "320", "--limit-val", "40", "--model-kwargs", "base_width=4", "--device", "cpu",
+            "--limit-train", "320", "--limit-val", "40", "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu",
             "--seed", "3", "--output", str(output), "--no-progress", *extra]
 
 

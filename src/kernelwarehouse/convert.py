@@ -30,11 +30,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .core.build import apply_plan, kw_layers, layer_spec
+from .core.build import apply_plan, kw_layers, layer_spec, plan_of
 from .core.execution import assemble_weights, split_into_cells
 from .core.layers import KWLayer
 from .core.plan import RATIO_NAMES, ZERO_CELL, LayerSpec, Plan, WarehouseConfig, _table, plan_warehouses
-from .core.temperature import set_temperature
+from .core.temperature import ANNEALING, set_temperature
 from .models.registry import parse_budget
 
 SHARING = ("stage", "kind", "layer", "model")
@@ -195,6 +195,38 @@ def load_static_weights(model: nn.Module, originals: Mapping[str, nn.Module], pl
                       f"relative weight error {worst[0]:.3f} ({worst[1]}). Use a budget >= 1 for an "
                       f"exact start", stacklevel=3)
     return worst[0]
+
+
+def load_static_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> float:
+    """Warm-start a KernelWarehouse model from the ``state_dict`` of its static counterpart (e.g.
+    timm's ``resnet18`` weights into ``kw_resnet18``): every KernelWarehouse layer takes the static
+    weight under its own module path (:func:`load_static_weights`), every other entry loads as it is.
+    Exact at tau = 1 for budgets >= 1; tau is set to 1. Returns the largest relative weight error.
+    ``strict``: raise when an entry of the model finds no value or an entry of ``state_dict`` no home."""
+    layers = dict(kw_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no KernelWarehouse layers to warm-start")
+    absent = [f"{name}.weight" for name in layers if f"{name}.weight" not in state_dict]
+    if absent:
+        raise KeyError(f"static state_dict has no weight for the KernelWarehouse layer(s) {absent}")
+    originals = {name: _StaticWeights(state_dict[f"{name}.weight"], state_dict.get(f"{name}.bias"))
+                 for name in layers}
+    prefixes = tuple(f"{name}." for name in layers)
+    rest = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    result = model.load_state_dict(rest, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes) and not k.startswith(ANNEALING)]
+    if strict and (missing or result.unexpected_keys):
+        raise KeyError(f"static state_dict does not fit {type(model).__name__}: missing {missing}, "
+                       f"unexpected {result.unexpected_keys}")
+    return load_static_weights(model, originals, plan_of(model))
+
+
+@dataclass(frozen=True)
+class _StaticWeights:
+    """A static layer's parameters, as :func:`load_static_weights` reads them."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .models.registry import create_model
-from .models.resnet import ResNet
+from .models.resnet import resnet_stages
 
 __all__ = ["KWResNetFPN", "fasterrcnn_kw_resnet50_fpn", "kw_resnet50_fpn_backbone", "maskrcnn_kw_resnet50_fpn"]
 
@@ -28,7 +28,7 @@ class KWResNetFPN(nn.Module):
     Returns torchvision's ``OrderedDict`` of pyramid levels; ``out_channels`` is the pyramid width.
     """
 
-    def __init__(self, body: ResNet, returned_layers: Sequence[int] = (1, 2, 3, 4),
+    def __init__(self, body: nn.Module, returned_layers: Sequence[int] = (1, 2, 3, 4),
                  out_channels: int = 256) -> None:
         super().__init__()
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
@@ -38,16 +38,16 @@ class KWResNetFPN(nn.Module):
         self.returned_layers = tuple(sorted(returned_layers))
         body.fc = nn.Identity()
         self.body = body
-        widths = [_out_channels(stage) for stage in body.stages()]
+        widths = [_out_channels(stage) for stage in resnet_stages(body)]
         self.fpn = FeaturePyramidNetwork([widths[i - 1] for i in self.returned_layers], out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(x))))
+        x = body.maxpool(body.act1(body.bn1(body.conv1(x))))
         features = OrderedDict()
-        for index, stage in enumerate(body.stages(), start=1):
+        for index, stage in enumerate(resnet_stages(body), start=1):
             x = stage(x)
             if index in self.returned_layers:
                 features[str(index - 1)] = x

@@ -1,4 +1,4 @@
-"""The baselines' models: the project's static ResNet and MobileNetV2 with chosen convs made dynamic.
+"""The baselines' models: the zoo's static ResNet and MobileNetV2 (timm's) with chosen convs made dynamic.
 
 Which convs become dynamic follows the ODConv authors' models (Li et al., ICLR 2022): in a ResNet
 every conv of the residual blocks (stem, downsample shortcuts and classifier stay static), in a
@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterable
 import torch.nn as nn
 
 from ..core.build import replace_modules
-from ..models.mobilenetv2 import MobileNetV2, mobilenetv2_050, mobilenetv2_100
+from ..models.mobilenetv2 import mobilenetv2_050, mobilenetv2_100
 from ..models.registry import ModelEntry, register
-from ..models.resnet import ResNet, resnet18, resnet50
+from ..models.resnet import resnet18, resnet50, resnet_stages
 from .condconv import CondConv2d
 from .dyconv import DynamicConv2d
 from .odconv import ODConv2d
@@ -52,16 +52,15 @@ def build_baseline(model: nn.Module, paths: Iterable[str], method: str, kernel_n
     return replace_modules(model, {p: dynamic_like(modules[p], method, kernel_num, **options) for p in paths})
 
 
-def resnet_dynamic_paths(model: ResNet) -> list[str]:
+def resnet_dynamic_paths(model: nn.Module) -> list[str]:
     """Every conv of the residual blocks; stem and downsample shortcuts stay static."""
-    return [f"layer{s + 1}.{j}.{name}" for s, stage in enumerate(model.stages()) for j, block in enumerate(stage)
+    return [f"layer{s + 1}.{j}.{name}" for s, stage in enumerate(resnet_stages(model)) for j, block in enumerate(stage)
             for name, child in block.named_children() if name.startswith("conv") and isinstance(child, nn.Conv2d)]
 
 
-def mobilenetv2_dynamic_paths(model: MobileNetV2) -> list[str]:
+def mobilenetv2_dynamic_paths(model: nn.Module) -> list[str]:
     """Every conv after the stem, including the final 1x1."""
-    return [f"features.{name}" for name, m in model.features.named_modules()
-            if isinstance(m, nn.Conv2d) and not name.startswith("0.")]
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != "conv_stem"]
 
 
 def _builder(static: Callable[..., nn.Module], paths: Callable[[nn.Module], list[str]], method: str,

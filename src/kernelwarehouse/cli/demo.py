@@ -63,7 +63,7 @@ def demo_configs(args: argparse.Namespace) -> list[TrainConfig]:
     extra = parse_model_kwargs(args.model_kwargs)
     configs = []
     for name, budget in runs:
-        kwargs: dict[str, Any] = {"base_width": args.width}
+        kwargs: dict[str, Any] = {"channels": tuple(args.width * 2 ** i for i in range(4)), "stem_width": args.width}
         if budget is not None:
             kwargs.update(cell_inplane_ratio=1, cell_outplane_ratio=1, norm="layer")
         kwargs.update(extra)

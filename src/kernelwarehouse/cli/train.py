@@ -24,7 +24,7 @@ FIELDS = {f.name for f in fields(TrainConfig)}
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
-    """``["base_width=8", "norm=layer"]`` -> {"base_width": 8, "norm": "layer"}."""
+    """``["stem_width=8", "norm=layer"]`` -> {"stem_width": 8, "norm": "layer"}."""
     kwargs: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
@@ -112,7 +112,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-train", type=int, help="train on the first N samples of a fixed shuffle")
     parser.add_argument("--limit-val", type=int, help="evaluate on the first N samples of a fixed shuffle")
     parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                        help="extra options for create_model, e.g. base_width=8 norm=layer cell_inplane_ratio=1")
+                        help="extra options for create_model, e.g. stem_width=8 channels=(8,16,32,64) norm=layer")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
 
@@ -138,6 +138,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup-epochs", type=float)
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--drop-path", type=float)
+    parser.add_argument("--mixup", type=float, help="mixup alpha (timm's Mixup; 0 = off)")
+    parser.add_argument("--cutmix", type=float, help="cutmix alpha (timm's Mixup; 0 = off)")
+    parser.add_argument("--rand-augment", help="timm RandAugment policy for ImageFolder data, e.g. rand-m9-mstd0.5-inc1")
+    parser.add_argument("--random-erasing", type=float, help="random erasing probability (ImageFolder data)")
     parser.add_argument("--image-size", type=int, help="ImageFolder image size (recipe or 224)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last memory format on CUDA")

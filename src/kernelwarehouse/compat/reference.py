@@ -1,24 +1,31 @@
 """Load checkpoints written by the reference implementation (OSVAI/KernelWarehouse).
 
-Its layout differs from ours in four ways: all warehouses live in ``warehouse_manager.weights.{i}``
+Its layout differs from ours in five ways: all warehouses live in ``warehouse_manager.weights.{i}``
 (i in order of first use), the attention norm is called ``norm1``, a linear layer wraps a conv
-as ``.conv``, and the temperature initialisation (beta) is not saved at all. Ours is rebuilt from
-the plan, so a mapped model computes what the reference computed.
+as ``.conv``, the temperature initialisation (beta) is not saved at all, and MobileNetV2 and
+ConvNeXt modules have torchvision's / the original ConvNeXt's names where ours are timm's (each
+:class:`~kernelwarehouse.models.factory.Family` gives the renaming). Ours is rebuilt from the plan,
+so a mapped model computes what the reference computed.
+
+:func:`pretrained_filter` lets timm's own pretrained path load such a checkpoint:
+``timm.create_model("kw_resnet18", budget=1, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 from ..core.build import kw_layers
 from ..core.layers import KWLinear
+from ..models.factory import Family, family_of, module_renamer
 from ..models.registry import create_model
 
 DERIVED = (".attention.beta", ".attention.temperature")  # ours only, computed from the plan
+WAREHOUSES = "warehouse_manager."  # where the reference keeps every warehouse
 
 
 @dataclass
@@ -44,7 +51,7 @@ class MappingReport:
 
 def _our_keys(key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str],
               warehouse_keys: list[list[str]]) -> list[str]:
-    match = re.fullmatch(r"warehouse_manager\.weights\.(\d+)", key)
+    match = re.fullmatch(re.escape(WAREHOUSES) + r"weights\.(\d+)", key)
     if match:
         index = int(match.group(1))
         return warehouse_keys[index] if index < len(warehouse_keys) else []
@@ -59,14 +66,26 @@ def _our_keys(key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str
     return [wrapped] if wrapped in ours else []
 
 
-def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
-                              strict: bool = True) -> MappingReport:
-    """Copy a reference-layout ``state_dict`` into ``model``; raise (strict) or report what did not map."""
+def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
+                              family: Family | None = None) -> MappingReport:
+    """Copy a reference-layout ``state_dict`` into ``model``; raise (strict) or report what did not map.
+
+    ``family`` gives the module renaming of a zoo model (found from ``model.pretrained_cfg`` when
+    not given); other models are taken to share the reference's names.
+    """
+    family = family or family_of(model)
+    rename = module_renamer(family.reference_names(model) if family else {})
+    state_dict = {key if key.startswith(WAREHOUSES) else rename(key): value for key, value in state_dict.items()}
     ours = model.state_dict()
     layers = kw_layers(model)
     linear_paths = [name for name, layer in layers if isinstance(layer, KWLinear)]
+    # the reference numbers its warehouses in order of first use, which is the order of its modules:
+    # the order in which its state dict names the layers
+    first_seen: dict[str, int] = {}
+    for index, key in enumerate(state_dict):
+        first_seen.setdefault(key.split(".attention.")[0], index)
     order: dict[str, list[str]] = {}
-    for name, layer in layers:
+    for name, layer in sorted(layers, key=lambda item: first_seen.get(item[0], len(first_seen))):
         order.setdefault(layer.warehouse.name, []).append(f"{name}.warehouse.weight")
     warehouse_keys = list(order.values())
 
@@ -108,3 +127,31 @@ def model_from_reference_config(config: Mapping[str, Any], **kwargs: Any) -> nn.
         return create_model(name, **kwargs)
     budget = config.get("cell_num_ratio", 1)
     return create_model(name, budget=budget, **options, **kwargs)
+
+
+def pretrained_filter(family: Family) -> Callable[[Mapping[str, Any], nn.Module], dict[str, Any]]:
+    """timm's ``pretrained_filter_fn`` for a zoo model: a checkpoint of the reference implementation
+    is mapped onto the model, a static model's state dict warm-starts it (exact at tau = 1 for
+    budgets >= 1), and one of ours passes through. A classifier of another size is left to timm
+    (it drops it when ``num_classes`` differs from the checkpoint's)."""
+    def load(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+        state_dict = dict(state_dict)
+        layers = [name for name, _ in kw_layers(model)]
+        if any(key.startswith(WAREHOUSES) for key in state_dict):
+            report = load_reference_state_dict(model, state_dict, strict=False, family=family)
+            classifier = _classifier_prefixes(model)
+            if report.unexpected or any(not key.startswith(classifier) for key in report.missing + report.mismatched):
+                raise KeyError(f"reference checkpoint does not map onto {type(model).__name__}: {report}")
+            return model.state_dict()  # complete: what did not map keeps the model's own values
+        if layers and all(f"{name}.weight" in state_dict for name in layers) and not any(
+                f"{name}.warehouse.weight" in state_dict for name in layers):
+            from ..convert import load_static_state_dict
+            load_static_state_dict(model, state_dict)
+            return model.state_dict()
+        return state_dict
+    return load
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = getattr(model, "pretrained_cfg", {}).get("classifier")
+    return tuple(name + "." for name in ((names,) if isinstance(names, str) else names or ()))

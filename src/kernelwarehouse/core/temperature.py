@@ -1,6 +1,7 @@
 """The temperature tau of the attention function, annealed from 1 to 0 early in training."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .attention import KWAttention
@@ -76,3 +77,78 @@ class TemperatureSchedule:
         self.steps_done, self.anneal_steps = state["steps_done"], state["anneal_steps"]
         self.start, self.end, self.tau = state["start"], state["end"], state["tau"]
         set_temperature(self.model, self.tau)
+
+
+class TemperatureAnnealing(nn.Module):
+    """The state of :func:`anneal`: steps counted so far and the length of the schedule, kept as
+    buffers so that they are saved in the model's ``state_dict`` and restored on resume."""
+
+    def __init__(self, anneal_steps: int, start: float = 1.0, end: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
+            raise ValueError(f"anneal steps must be an integer >= 0, got {anneal_steps!r}")
+        for value in (start, end):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"temperatures must lie in [0, 1], got {value}")
+        self.start, self.end = float(start), float(end)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("anneal_steps", torch.tensor(anneal_steps, dtype=torch.long))
+        self.attentions: list[KWAttention] = []
+
+    def tau(self) -> float:
+        return linear_temperature(int(self.steps_done), int(self.anneal_steps), self.start, self.end)
+
+    def apply(self) -> float:
+        """Set tau for the coming step on every attention of the model; returns it."""
+        tau = self.tau()
+        for attention in self.attentions:
+            attention.temperature.fill_(tau)
+        return tau
+
+    def advance(self) -> None:
+        self.steps_done += 1
+
+    def forward(self, x):  # holds state only; kept out of the model's computation
+        raise RuntimeError("TemperatureAnnealing holds the annealing state and is not called")
+
+    def extra_repr(self) -> str:
+        return f"steps={int(self.anneal_steps)}, start={self.start}, end={self.end}"
+
+
+ANNEALING = "temperature_annealing"  # the attribute of the model that holds the annealing state
+
+
+def anneal(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None = None,
+           start: float = 1.0, end: float = 0.0) -> TemperatureAnnealing:
+    """Make tau fall linearly from ``start`` to ``end`` over ``steps`` training steps, with no call
+    in the training loop.
+
+    Steps are counted by ``optimizer``'s step hook when one is given, otherwise by the model's
+    forward passes in training mode (one per step; with gradient accumulation give the optimizer).
+    The count lives in the model's ``state_dict`` (``temperature_annealing.steps_done``), so a run
+    resumed from a checkpoint continues the schedule where it stopped. Returns the state module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"anneal needs an nn.Module, got {type(model).__name__}")
+    attentions = [m for m in model.modules() if isinstance(m, KWAttention)]
+    if not attentions:
+        raise ValueError(f"{type(model).__name__} has no KernelWarehouse layers: there is no temperature to anneal")
+    if isinstance(getattr(model, ANNEALING, None), TemperatureAnnealing):
+        raise ValueError("the temperature of this model is already annealed (model.temperature_annealing)")
+    param = attentions[0].temperature
+    state = TemperatureAnnealing(steps, start, end).to(param.device)
+    state.attentions = attentions
+    setattr(model, ANNEALING, state)
+    state.apply()
+    if optimizer is not None:
+        def after_step(*_):
+            state.advance()
+            state.apply()
+        optimizer.register_step_post_hook(after_step)
+    else:
+        def before_forward(module, _):
+            if module.training:
+                state.apply()
+                state.advance()
+        model.register_forward_pre_hook(before_forward)
+    return state

@@ -1,13 +1,12 @@
-"""The paper's models: static ResNet, MobileNetV2 and ConvNeXt and their KernelWarehouse versions."""
-from . import zoo  # noqa: F401  (registers the models)
-from . import deit  # noqa: F401  (registers DeiT)
-from .convnext import ConvNeXt
-from .mobilenetv2 import MobileNetV2
-from .registry import create_model, format_budget, list_models, model_entry, parse_budget
-from .resnet import ResNet
-from . import timm_bridge  # noqa: E402,F401  (registers the zoo with timm, when installed)
+"""The paper's models: timm's ResNet, MobileNetV2, ConvNeXt and DeiT and their KernelWarehouse versions.
 
-__all__ = ["ConvNeXt", "MobileNetV2", "ResNet", "create_model", "format_budget", "list_models",
-           "model_entry", "parse_budget"]
+Each ``kw_*`` model is registered with timm (``timm.create_model("kw_resnet18", budget=1)``) and in
+the project's registry with the paper's numbers (``create_model``, ``model_entry``).
+"""
+from . import convnext, deit, mobilenetv2, resnet  # noqa: F401  (register the models)
+from .factory import Family
+from .registry import create_model, format_budget, list_models, model_entry, parse_budget
+
+__all__ = ["Family", "create_model", "format_budget", "list_models", "model_entry", "parse_budget"]
 
 from ..baselines import models as _baselines  # noqa: E402,F401  (registers CondConv, DY-Conv, ODConv models)

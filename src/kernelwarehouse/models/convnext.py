@@ -1,81 +1,79 @@
-"""ConvNeXt (Liu et al., CVPR 2022) and the KernelWarehouse assignment of its layers.
+"""ConvNeXt (Liu et al., CVPR 2022): timm's ``convnext_tiny`` and its KernelWarehouse version.
 
-The pointwise layers are 1x1 convolutions on (N, C, H, W) tensors; the static model has the
-parameters of torchvision's ``convnext_tiny``. KernelWarehouse ConvNeXt (Li & Yao, ICML 2024)
-makes the stem, the downsample layers and the depthwise and pointwise convs dynamic, with
-LayerNorm in the attention branches.
+The pointwise layers are timm's 1x1-convolution form (``conv_mlp=True``: same parameters, (N, C, H, W)
+tensors throughout). KernelWarehouse ConvNeXt (Li & Yao, ICML 2024) makes the stem, the downsample
+layers and the depthwise and pointwise convs dynamic, with LayerNorm in the attention branches. The
+reference implementation used the original ConvNeXt names (``downsample_layers``, ``dwconv``,
+``pwconv1``), mapped by :func:`convnext_reference_names` when its checkpoints are loaded.
 """
 from __future__ import annotations
 
-import torch
+from fractions import Fraction
+from typing import Any
+
 import torch.nn as nn
+from timm.models import register_model
 
-from ._blocks import DropPath, LayerNorm2d
+from .factory import Family, build, default_cfg
+from .registry import register_zoo
+from .resnet import shrink_feature_info
 
-
-class ConvNeXtBlock(nn.Module):
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-6) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = LayerNorm2d(dim, eps=1e-6)
-        self.pwconv1 = nn.Conv2d(dim, 4 * dim, 1)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Conv2d(4 * dim, dim, 1)
-        self.gamma = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
-        return x + self.drop_path(self.gamma * out)
+F = Fraction
+BLOCK_LAYERS = (("conv_dw", "dwconv0"), ("mlp.fc1", "pwconv1"), ("mlp.fc2", "pwconv2"))
 
 
-class ConvNeXt(nn.Module):
-    def __init__(self, num_classes: int = 1000, depths: tuple[int, ...] = (3, 3, 9, 3),
-                 dims: tuple[int, ...] = (96, 192, 384, 768), in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, layer_scale: float = 1e-6, small_input: bool = False) -> None:
-        super().__init__()
-        stem_stride = 1 if small_input else 4
-        self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stem_stride), LayerNorm2d(dims[0], eps=1e-6))]
-            + [nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, 2))
-               for i in range(len(dims) - 1)])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            start = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[ConvNeXtBlock(dims[i], rates[start + j], layer_scale)
-                                               for j in range(depth)]))
-        self.num_features = dims[-1]
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.head = nn.Linear(dims[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.forward_features(x).mean((-2, -1)))
-        return self.head(self.dropout(x))
+def convnext_small_input(model: nn.Module) -> None:
+    """A 1x1 stride-1 stem in place of the 4x4 patchify stem: for 8x8 to 32x32 images."""
+    stem = model.stem[0]
+    model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, 1, 1, device=stem.weight.device,
+                              dtype=stem.weight.dtype)
+    nn.init.trunc_normal_(model.stem[0].weight, std=0.02)
+    nn.init.zeros_(model.stem[0].bias)
+    shrink_feature_info(model, 4)
 
 
-def convnext_tiny(**kwargs) -> ConvNeXt:
-    return ConvNeXt(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), **kwargs)
-
-
-def convnext_warehouse_keys(model: ConvNeXt) -> dict[str, str]:
-    """Module path -> warehouse key, reference layout: each downsample layer is its own warehouse,
-    and per stage the depthwise convs share one and the pointwise convs another."""
-    keys = {"downsample_layers.0.0": "stagestem_conv0"}
-    for i in range(1, len(model.downsample_layers)):
-        keys[f"downsample_layers.{i}.1"] = f"stage{i - 1}_layerds_conv0"
+def convnext_warehouse_keys(model: nn.Module, budget: Fraction | None = None) -> dict[str, str]:
+    """Module path -> warehouse key, reference layout: the stem and each downsample layer are their
+    own warehouses, and per stage the depthwise convs share one and the pointwise convs another."""
+    keys = {"stem.0": "stagestem_conv0"}
     for i, stage in enumerate(model.stages):
-        for j in range(len(stage)):
-            for name, key in (("dwconv", "dwconv0"), ("pwconv1", "pwconv1"), ("pwconv2", "pwconv2")):
-                keys[f"stages.{i}.{j}.{name}"] = f"stage{i}_layer{j}_{key}"
+        if i > 0:
+            keys[f"stages.{i}.downsample.1"] = f"stage{i - 1}_layerds_conv0"
+        for j in range(len(stage.blocks)):
+            keys.update({f"stages.{i}.blocks.{j}.{name}": f"stage{i}_layer{j}_{key}" for name, key in BLOCK_LAYERS})
     return keys
+
+
+def convnext_reference_names(model: nn.Module) -> dict[str, str]:
+    """Module path in the original ConvNeXt layout (the reference implementation's) -> timm's."""
+    names = {"downsample_layers.0.0": "stem.0", "downsample_layers.0.1": "stem.1", "norm": "head.norm",
+             "head": "head.fc"}
+    originals = dict(zip(("dwconv", "pwconv1", "pwconv2"), (name for name, _ in BLOCK_LAYERS)))
+    for i, stage in enumerate(model.stages):
+        if i > 0:
+            names.update({f"downsample_layers.{i}.{k}": f"stages.{i}.downsample.{k}" for k in (0, 1)})
+        for j in range(len(stage.blocks)):
+            names[f"stages.{i}.{j}"] = f"stages.{i}.blocks.{j}"
+            names.update({f"stages.{i}.{j}.{old}": f"stages.{i}.blocks.{j}.{new}" for old, new in originals.items()})
+    return names
+
+
+CONVNEXT_TINY = Family("convnext_tiny", convnext_warehouse_keys,
+                       lambda budget: {"sharing_range": ("layer", "pwconv"), "norm": "layer"},
+                       convnext_small_input, convnext_reference_names, timm_kwargs={"conv_mlp": True},
+                       feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True})
+# the stem is dynamic: its parameters are its warehouse's
+default_cfgs = {"kw_convnext_tiny": default_cfg(CONVNEXT_TINY, first_conv="stem.0.warehouse")}
+
+
+@register_zoo(paper={None: (28.59, 82.07)}, reference_params={None: 28589128})
+def convnext_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-Tiny, timm's with 1x1-conv MLPs (``small_input=True``: a 1x1 stride-1 stem)."""
+    return build("convnext_tiny", CONVNEXT_TINY, pretrained, dynamic=False, **kwargs)
+
+
+@register_zoo(paper={F(1): (39.37, 82.51)}, reference_params={F(1): 39370674})
+@register_model
+def kw_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """KW-ConvNeXt-Tiny at ``budget`` (default 1): timm's ConvNeXt-Tiny with KernelWarehouse convs."""
+    return build("kw_convnext_tiny", CONVNEXT_TINY, pretrained, **kwargs)

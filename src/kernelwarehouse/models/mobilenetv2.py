@@ -1,111 +1,134 @@
-"""MobileNetV2 (Sandler et al., CVPR 2018) and the KernelWarehouse assignment of its layers.
+"""MobileNetV2 (Sandler et al., CVPR 2018): timm's ``mobilenetv2_100`` / ``mobilenetv2_050`` and their
+KernelWarehouse versions.
 
-Static models match torchvision's ``mobilenet_v2`` parameter for parameter. KernelWarehouse
-MobileNetV2 (Li & Yao, ICML 2024) makes the stem and every conv dynamic; warehouses follow seven
-stages, and the first block of a stage that changes width stays in the previous stage's warehouse.
+KernelWarehouse MobileNetV2 (Li & Yao, ICML 2024) makes the stem and every conv dynamic; warehouses
+follow seven stages, and the first block of a stage that changes width stays in the previous
+stage's warehouse. The paper's 1/2x models keep the pointwise convs of stages 1-5 static and make the
+classifier dynamic. timm's rows ``blocks.{r}`` are the rows of the MobileNetV2 table below; the
+reference implementation used torchvision's names (``features.{k}``), mapped by
+:func:`mobilenetv2_reference_names` when its checkpoints are loaded.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+from fractions import Fraction
+from typing import Any
 
-from ._blocks import make_divisible
+import torch.nn as nn
+from timm.models import register_model
+
+from .factory import Family, build, default_cfg
+from .registry import register_zoo
+from .resnet import shrink_feature_info
+
+F = Fraction
 
 # expansion t, output channels c, blocks n, first stride s
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 WAREHOUSE_STAGE = (1, 2, 3, 4, 5, 6, 6)  # warehouse stage of each row above
 
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
-                                   bias=False),
-                         nn.BatchNorm2d(out_ch), nn.ReLU6(inplace=True))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: int) -> None:
-        super().__init__()
-        hidden = int(round(in_ch * expand_ratio))
-        self.use_res_connect = stride == 1 and in_ch == out_ch
-        layers: list[nn.Module] = [ConvBNReLU(in_ch, hidden, 1)] if expand_ratio != 1 else []
-        layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
-                   nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+HALF = {  # the paper's 1/2x MobileNetV2: per-warehouse ratios over its ten warehouses
+    "sharing_range": ("layer",), "reduction": 1 / 32,
+    "cell_num_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.5),
+    "cell_inplane_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.025),
+    "cell_outplane_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 1),
+}
+HALF_STATIC_POINTWISE_STAGES = (1, 2, 3, 4, 5)
 
 
-class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, in_chans: int = 3,
-                 drop_rate: float = 0.0, small_input: bool = False) -> None:
-        super().__init__()
-        self.width_mult = width_mult
-        in_ch = make_divisible(32 * width_mult)
-        self.num_features = make_divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [ConvBNReLU(in_chans, in_ch, stride=1 if small_input else 2)]
-        for row, (t, c, n, s) in enumerate(INVERTED_RESIDUAL_SETTING):
-            out_ch = make_divisible(c * width_mult)
-            for i in range(n):
-                stride = s if i == 0 and not (small_input and row == 1) else 1
-                features.append(InvertedResidual(in_ch, out_ch, stride, t))
-                in_ch = out_ch
-        features.append(ConvBNReLU(in_ch, self.num_features, 1))
-        self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        return self.classifier(x)
+def mobilenetv2_small_input(model: nn.Module) -> None:
+    """Stride 1 in the stem and in the first block of the second row: for 8x8 to 32x32 images."""
+    model.conv_stem.stride = (1, 1)
+    model.blocks[1][0].conv_dw.stride = (1, 1)
+    shrink_feature_info(model, 4)
 
 
-def mobilenetv2_100(**kwargs) -> MobileNetV2:
-    return MobileNetV2(width_mult=1.0, **kwargs)
-
-
-def mobilenetv2_050(**kwargs) -> MobileNetV2:
-    return MobileNetV2(width_mult=0.5, **kwargs)
-
-
-def mobilenetv2_warehouse_keys(model: MobileNetV2, static_pointwise_stages: tuple[int, ...] = (),
-                               dynamic_classifier: bool = False) -> dict[str, str]:
-    """Module path -> warehouse key (``stage{s}_layer{l}_{pw,dw}conv{c}``), reference layout.
-
-    Pointwise convs of the warehouse stages in ``static_pointwise_stages`` stay static, and
-    ``dynamic_classifier`` makes the classifier a KernelWarehouse layer (the paper's 1/2x variant).
-    """
-    keys = {"features.0.0": "stage0_conv0"}
-    index, layer_idx = 1, 0
+def _blocks(model: nn.Module):
+    """(row, index in row, expansion, timm module path) of every inverted-residual block."""
     for row, (t, _, n, _) in enumerate(INVERTED_RESIDUAL_SETTING):
         for i in range(n):
-            handover = i == 0 and row > 0 and WAREHOUSE_STAGE[row] != WAREHOUSE_STAGE[row - 1]
-            stage = WAREHOUSE_STAGE[row] - (1 if handover else 0)
-            pointwise = stage not in static_pointwise_stages
-            prefix, conv = f"features.{index}.conv", 0
-            if t != 1:
-                if pointwise:
-                    keys[f"{prefix}.0.0"] = f"stage{stage}_layer{layer_idx}_pwconv0"
-                conv = 1
-            keys[f"{prefix}.{conv}.0"] = f"stage{stage}_layer{layer_idx}_dwconv0"
-            if pointwise:
-                keys[f"{prefix}.{conv + 1}"] = f"stage{stage}_layer{layer_idx}_pwconv1"
-            layer_idx = 0 if handover else layer_idx + 1
-            index += 1
-    keys[f"features.{index}.0"] = f"stage{WAREHOUSE_STAGE[-1]}_layer{layer_idx}_pwconv1"
-    if dynamic_classifier:
-        keys["classifier.1"] = "classifier"
+            yield row, i, t, f"blocks.{row}.{i}"
+
+
+def mobilenetv2_warehouse_keys(model: nn.Module, budget: Fraction | None = None) -> dict[str, str]:
+    """Module path -> warehouse key (``stage{s}_layer{l}_{pw,dw}conv{c}``), reference layout."""
+    half = budget == F(1, 2)
+    static_pointwise = HALF_STATIC_POINTWISE_STAGES if half else ()
+    keys = {"conv_stem": "stage0_conv0"}
+    layer_idx = 0
+    for row, i, t, prefix in _blocks(model):
+        handover = i == 0 and row > 0 and WAREHOUSE_STAGE[row] != WAREHOUSE_STAGE[row - 1]
+        stage = WAREHOUSE_STAGE[row] - (1 if handover else 0)
+        pointwise = stage not in static_pointwise
+        expand, project = ("conv_pw", "conv_pwl") if t != 1 else (None, "conv_pw")
+        if expand and pointwise:
+            keys[f"{prefix}.{expand}"] = f"stage{stage}_layer{layer_idx}_pwconv0"
+        keys[f"{prefix}.conv_dw"] = f"stage{stage}_layer{layer_idx}_dwconv0"
+        if pointwise:
+            keys[f"{prefix}.{project}"] = f"stage{stage}_layer{layer_idx}_pwconv1"
+        layer_idx = 0 if handover else layer_idx + 1
+    keys["conv_head"] = f"stage{WAREHOUSE_STAGE[-1]}_layer{layer_idx}_pwconv1"
+    if half and isinstance(model.classifier, nn.Linear):
+        keys["classifier"] = "classifier"
     return keys
+
+
+def mobilenetv2_plan_options(budget: Fraction) -> dict[str, Any]:
+    if budget == F(1, 2):
+        return dict(HALF)
+    return {"sharing_range": ("layer",) if budget > 1 else ("layer", "pwconv")}
+
+
+def mobilenetv2_reference_names(model: nn.Module) -> dict[str, str]:
+    """Module path in torchvision's layout (the reference implementation's) -> timm's."""
+    names = {"features.0.0": "conv_stem", "features.0.1": "bn1", "classifier.1": "classifier"}
+    index = 1
+    for _, _, t, prefix in _blocks(model):
+        source = f"features.{index}.conv"
+        if t == 1:
+            parts = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
+        else:
+            parts = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
+        names.update({f"{source}.{k}": f"{prefix}.{v}" for k, v in parts.items()})
+        index += 1
+    names.update({f"features.{index}.0": "conv_head", f"features.{index}.1": "bn2"})
+    return names
+
+
+def _family(timm_name: str) -> Family:
+    return Family(timm_name, mobilenetv2_warehouse_keys, mobilenetv2_plan_options, mobilenetv2_small_input,
+                  mobilenetv2_reference_names, feature_cfg={"flatten_sequential": True})
+
+
+MOBILENETV2_100, MOBILENETV2_050 = _family("mobilenetv2_100"), _family("mobilenetv2_050")
+# the stem is dynamic: its parameters are its warehouse's
+default_cfgs = {"kw_mobilenetv2_100": default_cfg(MOBILENETV2_100, first_conv="conv_stem.warehouse"),
+                "kw_mobilenetv2_050": default_cfg(MOBILENETV2_050, first_conv="conv_stem.warehouse")}
+
+
+@register_zoo(paper={None: (3.50, 72.04)}, reference_params={None: 3504872})
+def mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """MobileNetV2 1.0, timm's (``small_input=True``: stride 1 in the stem and the second row)."""
+    return build("mobilenetv2_100", MOBILENETV2_100, pretrained, dynamic=False, **kwargs)
+
+
+@register_zoo(paper={None: (1.97, 64.32)}, reference_params={None: 1968680})
+def mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """MobileNetV2 0.5, timm's (``small_input=True``: stride 1 in the stem and the second row)."""
+    return build("mobilenetv2_050", MOBILENETV2_050, pretrained, dynamic=False, **kwargs)
+
+
+@register_zoo(paper={F(1, 2): (2.65, 72.59), F(1): (5.17, 74.68), F(4): (11.38, 75.92)},
+              reference_params={F(1, 2): 2654396, F(1): 5168146, F(4): 11379382})
+@register_model
+def kw_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """KW-MobileNetV2 1.0 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""
+    return build("kw_mobilenetv2_100", MOBILENETV2_100, pretrained, **kwargs)
+
+
+@register_zoo(paper={F(1, 2): (1.47, 65.20), F(1): (2.85, 68.29), F(4): (4.65, 70.26)},
+              reference_params={F(1, 2): 1466888, F(1): 2854522, F(4): 4648587})
+@register_model
+def kw_mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """KW-MobileNetV2 0.5 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""
+    return build("kw_mobilenetv2_050", MOBILENETV2_050, pretrained, **kwargs)

@@ -42,6 +42,17 @@ def register(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
+def register_zoo(paper: dict | None = None, reference_params: dict | None = None, kind: str = ""):
+    """Decorator: register a model builder under its function name (``kw_*`` names are KernelWarehouse
+    models); ``paper`` and ``reference_params`` as in :class:`ModelEntry`."""
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = builder.__name__
+        register(ModelEntry(name, builder, name.startswith("kw_"), dict(paper or {}), dict(reference_params or {}),
+                            kind))
+        return builder
+    return decorate
+
+
 def list_models() -> list[str]:
     """Names of every registered model."""
     return list(_REGISTRY)

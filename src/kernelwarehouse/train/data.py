@@ -24,6 +24,19 @@ SMALL_INPUT_MAX = 64  # images up to this size get the 3x3 stride-1 stem without
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation beyond crops and flips, for ImageFolder data of full-size images:
+    timm's RandAugment (a policy string such as ``"rand-m9-mstd0.5-inc1"``) and random erasing
+    (the probability per image)."""
+
+    rand_augment: str | None = None
+    random_erasing: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.rand_augment or self.random_erasing)
+
+
+@dataclass(frozen=True)
 class DataInfo:
     """What a model needs to know of a dataset."""
 
@@ -37,7 +50,8 @@ class DataInfo:
 
 
 def load_data(source: str, image_size: int | None = None, limit_train: int | None = None,
-              limit_val: int | None = None) -> tuple[Dataset, Dataset, DataInfo]:
+              limit_val: int | None = None, augment: Augmentation = Augmentation()
+              ) -> tuple[Dataset, Dataset, DataInfo]:
     """(train set, validation set, info) for ``digits``, a CIFAR folder or an ImageFolder tree.
 
     ``limit_train`` / ``limit_val`` keep the first N samples of a fixed shuffle (for quick runs).
@@ -45,6 +59,7 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
     """
     if source == "digits":
         train, val, info = _digits()
+        _no_augmentation(augment, "digits")
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -55,8 +70,9 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
         cifar = _cifar_folder(path)
         if cifar is not None:
             train, val, info = _cifar(cifar, *_cifar_files(cifar))
+            _no_augmentation(augment, "CIFAR")
         elif (path / "train").is_dir():
-            train, val, info = _image_folder(path, image_size or 224)
+            train, val, info = _image_folder(path, image_size or 224, augment)
         else:
             raise ValueError(f"data path {source!r} is neither a CIFAR-10/100 python folder (data_batch_1.. "
                              f"or train/test pickles) nor an ImageFolder tree (train/ and val/ class folders)")
@@ -64,6 +80,12 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.image_size, info.small_input,
                     len(train), len(val))
     return train, val, info
+
+
+def _no_augmentation(augment: Augmentation, name: str) -> None:
+    if augment:
+        raise ValueError(f"--rand-augment and --random-erasing apply to ImageFolder data of full-size images, "
+                         f"not to {name}")
 
 
 def _limit(dataset: Dataset, limit: int | None, split: str) -> Dataset:
@@ -163,24 +185,30 @@ class CifarDataset(Dataset):
         return (image - self.mean) / self.std, self.labels[index]
 
 
-def _image_folder(path: Path, image_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentation()
+                  ) -> tuple[Dataset, Dataset, DataInfo]:
     from torchvision import datasets, transforms
 
     if not (path / "val").is_dir():
         raise FileNotFoundError(f"ImageFolder tree {str(path)!r} has train/ but no val/")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     small = image_size <= SMALL_INPUT_MAX
+    if small and augment:
+        _no_augmentation(augment, f"{image_size}x{image_size} images")
     if small:
         train_tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
                                        transforms.RandomCrop(image_size, padding=image_size // 8),
                                        transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
         val_tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
                                      transforms.ToTensor(), normalize])
-    else:
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                       transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(math.ceil(image_size / 0.875)),
-                                     transforms.CenterCrop(image_size), transforms.ToTensor(), normalize])
+    else:   # timm's ImageNet pipeline: random resized crop, flip, RandAugment, erasing; 0.875 centre crop
+        from timm.data import create_transform
+
+        train_tf = create_transform(image_size, is_training=True, auto_augment=augment.rand_augment,
+                                    re_prob=augment.random_erasing, interpolation="bicubic",
+                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        val_tf = create_transform(image_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
     try:
         train = datasets.ImageFolder(str(path / "train"), transform=train_tf)
         val = datasets.ImageFolder(str(path / "val"), transform=val_tf)

@@ -39,7 +39,7 @@ from ..core.temperature import TemperatureSchedule
 from ..models.registry import create_model, model_entry
 from .checkpoint import (FORMAT, VERSION, config_differences, load_checkpoint, publish, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import DataInfo, EpochBatches, load_data
+from .data import Augmentation, DataInfo, EpochBatches, load_data
 from .ema import ModelEma
 from .evaluate import count_parameters, evaluate
 
@@ -66,6 +66,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     temp_epochs: float = 20.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    rand_augment: str | None = None
+    random_erasing: float = 0.0
     drop_path: float = 0.0
     ema: bool = False
     ema_decay: float = 0.9999
@@ -87,6 +91,8 @@ class TrainConfig:
                   ("weight_decay", self.weight_decay >= 0), ("temp_epochs", self.temp_epochs >= 0),
                   ("warmup_epochs", self.warmup_epochs >= 0), ("workers", self.workers >= 0),
                   ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_path", 0 <= self.drop_path < 1),
+                  ("mixup", self.mixup >= 0), ("cutmix", self.cutmix >= 0),
+                  ("random_erasing", 0 <= self.random_erasing <= 1),
                   ("step_epochs", self.step_epochs >= 1), ("log_interval", self.log_interval >= 1)]
         for name, ok in checks:
             if not ok:
@@ -156,6 +162,17 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
         raise ValueError(f"model {config.model!r} rejects its options {sorted(kwargs)}: {error}") from None
 
 
+def batch_mixing(config: TrainConfig, num_classes: int):
+    """timm's :class:`~timm.data.Mixup` (mixup and cutmix, one of the two per batch, with the label
+    smoothing folded into the mixed targets), or None when the run mixes nothing."""
+    if not (config.mixup or config.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
+
+
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """BatchNorm, in the attention branch or elsewhere, cannot train on a batch of one sample."""
     if batch_size > 1:
@@ -219,8 +236,9 @@ class Trainer:
         if config.amp and not self.amp:
             self.log("note: --amp applies on CUDA only; training in float32 on the CPU")
         seed_everything(config.seed, config.deterministic)
+        augment = Augmentation(config.rand_augment, config.random_erasing)
         self.train_set, self.val_set, self.info = load_data(config.data, config.image_size, config.limit_train,
-                                                            config.limit_val)
+                                                            config.limit_val, augment)
         model = build_model(config, self.info)
         check_batch_size(model, config.batch_size)
         self.has_kw = bool(kw_layers(model))
@@ -236,6 +254,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.temperature = TemperatureSchedule(model, round(config.temp_epochs * self.steps_per_epoch))
         self.ema = ModelEma(model, config.ema_decay) if config.ema else None
+        self.mixup = batch_mixing(config, self.info.num_classes)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.epoch, self.step, self.best = 0, 0, None
         self.history: list[dict[str, Any]] = []
@@ -335,9 +354,17 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if cfg.channels_last and self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
+            targets = None
+            if self.mixup is not None:
+                if len(labels) % 2:   # timm's mixing pairs each sample with the batch reversed
+                    images, labels = images[:-1], labels[:-1]
+                images, targets = self.mixup(images, labels)
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                if targets is None:
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                else:   # soft targets: the mixed labels, smoothed
+                    loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at step {self.step} (lower --lr?)")
             self.optimizer.zero_grad(set_to_none=True)
