@@ -37,6 +37,16 @@ PRODUCT_MAX_POSITIONS = 256
 NATIVE_MIN_MACS = 1 << 18
 NATIVE_MIN_LENGTH = 16  # one AVX-512 vector, two AVX2 ones
 
+#: Tile edges and warps of the ``triton`` path's kernels (:mod:`kernelwarehouse.core.triton_conv`):
+#: output (or input) positions per tile, channels per tile, and the reduction step over channels
+#: (positions for the weight gradient). Not measured on a GPU yet: a common starting tile for
+#: implicit-GEMM convolutions in fp32 and bf16; each is cut down to the power of two that covers a
+#: small layer (16 at least, what a matrix product on tensor cores takes).
+TRITON_BLOCK_POSITIONS = 64
+TRITON_BLOCK_CHANNELS = 64
+TRITON_BLOCK_REDUCTION = 32
+TRITON_WARPS = 4
+
 # -- the measured choice ---------------------------------------------------------------------------
 
 #: Timed runs per candidate path, after one untimed warm-up; the fastest run counts (the least
