@@ -42,7 +42,7 @@ NATIVE_MIN_LENGTH = 16  # one AVX-512 vector, two AVX2 ones
 #: (positions for the weight gradient). Not measured on a GPU yet: a common starting tile for
 #: implicit-GEMM convolutions in fp32 and bf16; each is cut down to the power of two that covers a
 #: small layer (16 at least, what a matrix product on tensor cores takes).
-TRITON_BLOCK_POSITIONS = 64
+TRITON_BLOCK_POSITIONS = 128
 TRITON_BLOCK_CHANNELS = 64
 TRITON_BLOCK_REDUCTION = 32
 TRITON_WARPS = 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
 
 import torch
 
@@ -95,19 +94,18 @@ def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tenso
         gx, gw = weight_backward(x[part], weight, grad[part], geo, grad_x is not None)
         if grad_x is not None:
             grad_x[part] = gx
-        cells_gradients(gw, mixture[part], cells2d, cells.shape[1:], geo, grad_mixture[part], grad_cells)
+        per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
+        cells_gradients(per_cell, mixture[part], cells2d, grad_mixture[part], grad_cells)
     return grad_cells.reshape(cells.shape)
 
 
-def cells_gradients(weight_grad: torch.Tensor, mixture: torch.Tensor, cells2d: torch.Tensor,
-                    cell_shape: Sequence[int], geo: ConvGeometry, grad_mixture: torch.Tensor,
-                    grad_cells: torch.Tensor) -> None:
-    """From the per-sample weight gradients of a chunk of samples, (b, *weight_shape), and their
-    mixture weights (b, m, n): writes their mixture gradient, dW cells^T, into ``grad_mixture``
-    (b, m, n) and adds their cell gradient, sum_b mixture_b^T dW_b, to ``grad_cells`` (n, cell
-    elements); ``cells2d`` is the warehouse as (n, cell elements), its cells of ``cell_shape``."""
+def cells_gradients(per_cell: torch.Tensor, mixture: torch.Tensor, cells2d: torch.Tensor,
+                    grad_mixture: torch.Tensor, grad_cells: torch.Tensor) -> None:
+    """From the per-sample weight gradients of a chunk of samples split into cells, (b, m, cell
+    elements), and their mixture weights (b, m, n): writes their mixture gradient, dW cells^T, into
+    ``grad_mixture`` (b, m, n) and adds their cell gradient, sum_b mixture_b^T dW_b, to
+    ``grad_cells`` (n, cell elements); ``cells2d`` is the warehouse as (n, cell elements)."""
     num = cells2d.shape[0]
-    per_cell = split_into_cells(weight_grad, geo.grid, cell_shape)
     per_cell = per_cell.reshape(-1, cells2d.shape[1])
     grad_mixture.copy_(torch.matmul(per_cell, cells2d.t()).reshape(mixture.shape[0], -1, num))
     grad_cells.addmm_(mixture.reshape(-1, num).t(), per_cell)

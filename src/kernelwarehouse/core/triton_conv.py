@@ -38,20 +38,28 @@ from .recompute import cells_gradients
 
 
 @triton.jit
-def _weight_tile(mix_ptr, cells_ptr, oc, ci, kpos, mask, N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL,
-                 OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT):
+def _weight_tile(mix_ptr, cells_ptr, oc, ci, kpos, mask, first_oc, first_ci, N_CELLS, C_OUT_CELL, C_IN_CELL,
+                 K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL: tl.constexpr):
     """One sample's W[oc, ci, kpos] for the (broadcast) index tiles ``oc`` (output channel of the
     layer) and ``ci`` (input channel within its group) at kernel position ``kpos``, in fp32 and 0
     where masked: its cell's mixture weights (``mix_ptr``: the sample's (m, n) rows) times the
-    cells (element [j, o, i, t] at ``j * SE_CELL + o * SE_OUT + i * K_CELL + t``)."""
-    cell = ((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL) * IN_BLOCKS + ci // C_IN_CELL
-    mix_row = mix_ptr + cell * N_CELLS
+    cells (element [j, o, i, t] at ``j * SE_CELL + o * SE_OUT + i * K_CELL + t``). With
+    ``ONE_CELL`` the tile lies in the cell of its first element (``first_oc``, ``first_ci``): one
+    mixture weight per warehouse cell instead of one per element."""
     within = (oc % C_OUT_CELL) * SE_OUT + (ci % C_IN_CELL) * K_CELL + kpos % K_CELL
     tile = tl.zeros(within.shape, tl.float32)
-    for j in range(N_CELLS):
-        a = tl.load(mix_row + j, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(cells_ptr + j * SE_CELL + within, mask=mask, other=0.0).to(tl.float32)
-        tile += a * e
+    if ONE_CELL:
+        cell = ((kpos // K_CELL) * OUT_BLOCKS + first_oc // C_OUT_CELL) * IN_BLOCKS + first_ci // C_IN_CELL
+        mix_row = mix_ptr + cell * N_CELLS
+        for j in range(N_CELLS):
+            a = tl.load(mix_row + j).to(tl.float32)
+            tile += a * tl.load(cells_ptr + j * SE_CELL + within, mask=mask, other=0.0).to(tl.float32)
+    else:
+        cell = ((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL) * IN_BLOCKS + ci // C_IN_CELL
+        mix_rows = mix_ptr + cell * N_CELLS
+        for j in range(N_CELLS):
+            a = tl.load(mix_rows + j, mask=mask, other=0.0).to(tl.float32)
+            tile += a * tl.load(cells_ptr + j * SE_CELL + within, mask=mask, other=0.0).to(tl.float32)
     return tile
 
 
@@ -61,13 +69,14 @@ def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
                     sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                     N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                    KH: tl.constexpr, KW: tl.constexpr, TILES_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                    TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     oh, ow = pos // OW, pos % OW
     pos_ok = pos < OH * OW
+    first_oc = group * C_OUT_GROUP + (tl.program_id(1) % TILES_N) * BLOCK_N
     oc_local = (tl.program_id(1) % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     oc = group * C_OUT_GROUP + oc_local
     oc_ok = oc_local < C_OUT_GROUP
@@ -85,7 +94,8 @@ def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
             xt = tl.load(rows[:, None] + ci[None, :].to(tl.int64) * sxc, mask=inside[:, None] & ci_ok[None, :],
                          other=0.0)
             wt = _weight_tile(mix, cells_ptr, oc[None, :], ci[:, None], kpos, ci_ok[:, None] & oc_ok[None, :],
-                              N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT)
+                              first_oc, c0, N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS,
+                              SE_CELL, SE_OUT, ONE_CELL)
             acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
     out = out_ptr + sample * sob + (oc.to(tl.int64) * soc)[None, :] + (oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & oc_ok[None, :])
@@ -97,14 +107,15 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
                        sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                        N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                       KH: tl.constexpr, KW: tl.constexpr, TILES_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                       TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ih, iw = pos // W, pos % W
     pos_ok = pos < H * W
-    ci = (tl.program_id(1) % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_ci = (tl.program_id(1) % TILES_N) * BLOCK_N
+    ci = first_ci + tl.arange(0, BLOCK_N)
     ci_ok = ci < C_IN_GROUP
     grad_sample = grad_ptr + sample * sgb + (group * C_OUT_GROUP).to(tl.int64) * sgc
     mix = mix_ptr + sample * M_CELLS * N_CELLS
@@ -123,8 +134,8 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
             gt = tl.load(rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
                          mask=reached[:, None] & oc_ok[None, :], other=0.0)
             wt = _weight_tile(mix, cells_ptr, (group * C_OUT_GROUP + oc_local)[:, None], ci[None, :], kpos,
-                              oc_ok[:, None] & ci_ok[None, :], N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL,
-                              OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT)
+                              oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci, N_CELLS,
+                              C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL)
             acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
     gx = (gx_ptr + sample * sxb + ((group * C_IN_GROUP + ci).to(tl.int64) * sxc)[None, :]
           + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None])
@@ -134,9 +145,10 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
 @triton.jit
 def _weight_grad_kernel(x_ptr, grad_ptr, gw_ptr,
                         H, W, OH, OW, C_OUT_GROUP, C_IN_GROUP,
-                        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, SW_SAMPLE,
+                        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
                         STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                        KH: tl.constexpr, KW: tl.constexpr, TILES_CI: tl.constexpr, TILES_OC: tl.constexpr,
+                        C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS,
+                        TILES_CI, TILES_OC, KH: tl.constexpr, KW: tl.constexpr,
                         BLOCK_L: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_OC: tl.constexpr,
                         PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
@@ -162,8 +174,11 @@ def _weight_grad_kernel(x_ptr, grad_ptr, gw_ptr,
         gt = tl.load(grad_cols + (oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None],
                      mask=pos_ok[:, None] & oc_ok[None, :], other=0.0)
         acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
-    # dW laid out as the layer's weight: (sample, C_out, C_in / groups, KH * KW)
-    gw = (gw_ptr + sample * SW_SAMPLE + (oc.to(tl.int64) * C_IN_GROUP * KH * KW)[None, :] + (ci * KH * KW + kpos)[:, None])
+    # dW split into cells: (sample, m, c_out, c_in, k_cell), what the mixture and cell gradients read
+    cell = ((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL)[None, :] * IN_BLOCKS + (ci // C_IN_CELL)[:, None]
+    within = ((oc % C_OUT_CELL) * C_IN_CELL * K_CELL)[None, :] + ((ci % C_IN_CELL) * K_CELL + kpos % K_CELL)[:, None]
+    cell_size = C_OUT_CELL * C_IN_CELL * K_CELL
+    gw = gw_ptr + sample * M_CELLS * cell_size + cell.to(tl.int64) * cell_size + within
     tl.store(gw, acc, mask=ci_ok[:, None] & oc_ok[None, :])
 
 
@@ -220,18 +235,37 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _cell_args(mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """The kernels' arguments that describe the cells, with the mixture weights and cells as they
-    read them: (B, m, n) contiguous, and cells whose (c_in, *k_cell) part is contiguous."""
-    num, c_out, c_in = cells.shape[:3]
-    flat = cells.reshape(num, c_out, -1)
-    if flat.stride(2) != 1:
-        flat = flat.contiguous()
-    mixture = mixture.contiguous()
-    k_cell = math.prod(cells.shape[3:])
-    spatial, out_blocks, in_blocks = geo.grid
-    return ([num, c_out, c_in, k_cell, out_blocks, in_blocks, mixture.shape[1], flat.stride(0), flat.stride(1)],
-            mixture, flat)
+class _Cells(NamedTuple):
+    """The warehouse as the kernels read it, and the cell geometry of the layer."""
+
+    mixture: torch.Tensor   # (B, m, n), contiguous
+    cells: torch.Tensor     # (n, c_out, c_in * k_cell), the last dimension contiguous
+    num: int
+    c_out: int
+    c_in: int
+    k_cell: int
+    out_blocks: int
+    in_blocks: int
+
+    @classmethod
+    def of(cls, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> _Cells:
+        num, c_out, c_in = cells.shape[:3]
+        flat = cells.reshape(num, c_out, -1)
+        if flat.stride(2) != 1:
+            flat = flat.contiguous()
+        return cls(mixture.contiguous(), flat, num, c_out, c_in, math.prod(cells.shape[3:]), *geo.grid[1:])
+
+    def args(self) -> list[int]:
+        """N_CELLS .. SE_OUT of the forward and input-gradient kernels."""
+        return [self.num, self.c_out, self.c_in, self.k_cell, self.out_blocks, self.in_blocks,
+                self.mixture.shape[1], self.cells.stride(0), self.cells.stride(1)]
+
+    def one_cell(self, plane: _Plane, weight_shape: tuple[int, ...], tile_out: int, tile_in: int) -> bool:
+        """Whether every tile of ``tile_out`` output channels by ``tile_in`` input channels lies in
+        one cell (tiles start at multiples of their size within a group)."""
+        c_out_group, c_in_group = weight_shape[0] // plane.groups, weight_shape[1]
+        return (self.c_out % tile_out == 0 and c_out_group % tile_out == 0
+                and self.c_in % tile_in == 0 and c_in_group % tile_in == 0)
 
 
 def _like_input(x4: torch.Tensor, batch: int, channels: int, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -247,64 +281,65 @@ def _conv_args(plane: _Plane) -> list[int]:
 
 def forward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """The layer's output without bias, in x's dtype: ``_forward_kernel``."""
-    plane, x4 = _plane(geo), _as_4d(x, geo)
+    plane, x4, warehouse = _plane(geo), _as_4d(x, geo), _Cells.of(mixture, cells, geo)
     batch, c_out, c_in_group = x4.shape[0], geo.weight_shape[0], geo.weight_shape[1]
     c_out_group = c_out // plane.groups
     size = _out_size(x4, plane)
     out = _like_input(x4, batch, c_out, size, x.dtype)
-    cell_args, mixture, flat = _cell_args(mixture, cells, geo)
     block_m = _block(size[0] * size[1], tuning.TRITON_BLOCK_POSITIONS)
     block_n = _block(c_out_group, tuning.TRITON_BLOCK_CHANNELS)
     block_k = _block(c_in_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n = triton.cdiv(c_out_group, block_n)
     grid = (triton.cdiv(size[0] * size[1], block_m), plane.groups * tiles_n, batch)
-    _forward_kernel[grid](x4, mixture, flat, out, *x4.shape[2:], *size, c_out_group, c_in_group,
-                          *x4.stride(), *out.stride(), *_conv_args(plane), *cell_args,
-                          KH=plane.kernel[0], KW=plane.kernel[1], TILES_N=tiles_n, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
+    _forward_kernel[grid](x4, warehouse.mixture, warehouse.cells, out, *x4.shape[2:], *size, c_out_group, c_in_group,
+                          *x4.stride(), *out.stride(), *_conv_args(plane), *warehouse.args(), tiles_n,
+                          KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                          ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_n, block_k),
+                          PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
     return _from_4d(out, geo)
 
 
 def input_grad(grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
                x: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to x (shaped and laid out as x): ``_input_grad_kernel``."""
-    plane, x4, g4 = _plane(geo), _as_4d(x, geo), _as_4d(grad, geo)
+    plane, x4, g4, warehouse = _plane(geo), _as_4d(x, geo), _as_4d(grad, geo), _Cells.of(mixture, cells, geo)
     batch, c_in_group = x4.shape[0], geo.weight_shape[1]
     c_out_group = geo.weight_shape[0] // plane.groups
     gx = torch.empty_like(x)
     gx4 = _as_4d(gx, geo)
-    cell_args, mixture, flat = _cell_args(mixture, cells, geo)
     positions = x4.shape[2] * x4.shape[3]
     block_m = _block(positions, tuning.TRITON_BLOCK_POSITIONS)
     block_n = _block(c_in_group, tuning.TRITON_BLOCK_CHANNELS)
     block_k = _block(c_out_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n = triton.cdiv(c_in_group, block_n)
     grid = (triton.cdiv(positions, block_m), plane.groups * tiles_n, batch)
-    _input_grad_kernel[grid](g4, mixture, flat, gx4, *x4.shape[2:], *g4.shape[2:], c_out_group, c_in_group,
-                             *g4.stride(), *gx4.stride(), *_conv_args(plane), *cell_args,
-                             KH=plane.kernel[0], KW=plane.kernel[1], TILES_N=tiles_n, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(grad.dtype),
-                             num_warps=tuning.TRITON_WARPS)
+    _input_grad_kernel[grid](g4, warehouse.mixture, warehouse.cells, gx4, *x4.shape[2:], *g4.shape[2:], c_out_group,
+                             c_in_group, *g4.stride(), *gx4.stride(), *_conv_args(plane), *warehouse.args(), tiles_n,
+                             KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
+                             PRECISION=_precision(grad.dtype), num_warps=tuning.TRITON_WARPS)
     return gx
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """Per-sample weight gradients (B, *weight_shape) in fp32: ``_weight_grad_kernel``."""
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """Per-sample weight gradients split into cells, (B, m, cell elements), in fp32:
+    ``_weight_grad_kernel``."""
     plane, x4, g4 = _plane(geo), _as_4d(x, geo), _as_4d(grad, geo)
     batch, c_out, c_in_group = x4.shape[0], geo.weight_shape[0], geo.weight_shape[1]
     c_out_group = c_out // plane.groups
     kernel = plane.kernel[0] * plane.kernel[1]
-    gw = torch.empty(batch, *geo.weight_shape, device=x.device, dtype=torch.float32)
+    num_cells = math.prod(geo.grid)
+    gw = torch.empty(batch, num_cells, cells[0].numel(), device=x.device, dtype=torch.float32)
     block_l = _block(g4.shape[2] * g4.shape[3], tuning.TRITON_BLOCK_REDUCTION)
     block_ci = _block(c_in_group, tuning.TRITON_BLOCK_CHANNELS)
     block_oc = _block(c_out_group, tuning.TRITON_BLOCK_CHANNELS)
     tiles_ci, tiles_oc = triton.cdiv(c_in_group, block_ci), triton.cdiv(c_out_group, block_oc)
     grid = (kernel * tiles_ci, plane.groups * tiles_oc, batch)
     _weight_grad_kernel[grid](x4, g4, gw, *x4.shape[2:], *g4.shape[2:], c_out_group, c_in_group,
-                              *x4.stride(), *g4.stride(), gw.stride(0), *_conv_args(plane),
-                              KH=plane.kernel[0], KW=plane.kernel[1], TILES_CI=tiles_ci, TILES_OC=tiles_oc,
-                              BLOCK_L=block_l, BLOCK_CI=block_ci, BLOCK_OC=block_oc,
-                              PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
+                              *x4.stride(), *g4.stride(), *_conv_args(plane), *cells.shape[1:3],
+                              math.prod(cells.shape[3:]), *geo.grid[1:], num_cells, tiles_ci, tiles_oc,
+                              KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_L=block_l, BLOCK_CI=block_ci,
+                              BLOCK_OC=block_oc, PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
     return gw
 
 
@@ -335,8 +370,8 @@ class FusedConv(torch.autograd.Function):
             grad_mixture = torch.empty_like(mix32)
             grad_cells = torch.zeros_like(cells2d)
             for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape)):
-                gw = weight_grad(x[part], grad[part], geo)
-                cells_gradients(gw, mix32[part], cells2d, cells.shape[1:], geo, grad_mixture[part], grad_cells)
+                per_cell = weight_grad(x[part], grad[part], cells, geo)
+                cells_gradients(per_cell, mix32[part], cells2d, grad_mixture[part], grad_cells)
             grad_mixture = grad_mixture.to(mixture.dtype)
             grad_cells = grad_cells.reshape(cells.shape).to(cells.dtype)
         return grad_x, grad_mixture, grad_cells, None
