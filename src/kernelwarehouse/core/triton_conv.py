@@ -107,13 +107,18 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
                        sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                        N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                       TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       TILES_N, TILES_M, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
-    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ih, iw = pos // W, pos % W
-    pos_ok = pos < H * W
+    # input positions of one phase (ih mod stride, iw mod stride): a kernel offset reaches all of
+    # them or none, so a strided convolution skips the offsets that reach none
+    phase = tl.program_id(0) // TILES_M
+    phase_h, phase_w = phase // STRIDE_W, phase % STRIDE_W
+    rows_h, rows_w = tl.cdiv(H, STRIDE_H), tl.cdiv(W, STRIDE_W)
+    pos = (tl.program_id(0) % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ih, iw = phase_h + (pos // rows_w) * STRIDE_H, phase_w + (pos % rows_w) * STRIDE_W
+    pos_ok = (pos < rows_h * rows_w) & (ih < H) & (iw < W)
     first_ci = (tl.program_id(1) % TILES_N) * BLOCK_N
     ci = first_ci + tl.arange(0, BLOCK_N)
     ci_ok = ci < C_IN_GROUP
@@ -122,21 +127,22 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kpos in range(KH * KW):
         # the output position that reads input (ih, iw) at this kernel offset, where there is one
-        th = ih + PAD_H - (kpos // KW) * DIL_H
-        tw = iw + PAD_W - (kpos % KW) * DIL_W
-        oh, ow = th // STRIDE_H, tw // STRIDE_W
-        reached = (pos_ok & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & (tw % STRIDE_W == 0)
-                   & (oh < OH) & (ow < OW))
-        rows = grad_sample + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-        for c0 in range(0, C_OUT_GROUP, BLOCK_K):
-            oc_local = c0 + tl.arange(0, BLOCK_K)
-            oc_ok = oc_local < C_OUT_GROUP
-            gt = tl.load(rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
-                         mask=reached[:, None] & oc_ok[None, :], other=0.0)
-            wt = _weight_tile(mix, cells_ptr, (group * C_OUT_GROUP + oc_local)[:, None], ci[None, :], kpos,
-                              oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci, N_CELLS,
-                              C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL)
-            acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
+        shift_h = PAD_H - (kpos // KW) * DIL_H
+        shift_w = PAD_W - (kpos % KW) * DIL_W
+        if ((phase_h + shift_h) % STRIDE_H == 0) & ((phase_w + shift_w) % STRIDE_W == 0):
+            th, tw = ih + shift_h, iw + shift_w
+            oh, ow = th // STRIDE_H, tw // STRIDE_W
+            reached = pos_ok & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+            rows = grad_sample + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            for c0 in range(0, C_OUT_GROUP, BLOCK_K):
+                oc_local = c0 + tl.arange(0, BLOCK_K)
+                oc_ok = oc_local < C_OUT_GROUP
+                gt = tl.load(rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
+                             mask=reached[:, None] & oc_ok[None, :], other=0.0)
+                wt = _weight_tile(mix, cells_ptr, (group * C_OUT_GROUP + oc_local)[:, None], ci[None, :], kpos,
+                                  oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci, N_CELLS,
+                                  C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL)
+                acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
     gx = (gx_ptr + sample * sxb + ((group * C_IN_GROUP + ci).to(tl.int64) * sxc)[None, :]
           + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None])
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=pos_ok[:, None] & ci_ok[None, :])
@@ -307,15 +313,16 @@ def input_grad(grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, g
     c_out_group = geo.weight_shape[0] // plane.groups
     gx = torch.empty_like(x)
     gx4 = _as_4d(gx, geo)
-    positions = x4.shape[2] * x4.shape[3]
+    # input positions by phase (position mod stride): per phase at most this many
+    positions = triton.cdiv(x4.shape[2], plane.stride[0]) * triton.cdiv(x4.shape[3], plane.stride[1])
     block_m = _block(positions, tuning.TRITON_BLOCK_POSITIONS)
     block_n = _block(c_in_group, tuning.TRITON_BLOCK_CHANNELS)
     block_k = _block(c_out_group, tuning.TRITON_BLOCK_REDUCTION)
-    tiles_n = triton.cdiv(c_in_group, block_n)
-    grid = (triton.cdiv(positions, block_m), plane.groups * tiles_n, batch)
+    tiles_n, tiles_m = triton.cdiv(c_in_group, block_n), triton.cdiv(positions, block_m)
+    grid = (plane.stride[0] * plane.stride[1] * tiles_m, plane.groups * tiles_n, batch)
     _input_grad_kernel[grid](g4, warehouse.mixture, warehouse.cells, gx4, *x4.shape[2:], *g4.shape[2:], c_out_group,
                              c_in_group, *g4.stride(), *gx4.stride(), *_conv_args(plane), *warehouse.args(), tiles_n,
-                             KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                             tiles_m, KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
                              BLOCK_K=block_k, ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
                              PRECISION=_precision(grad.dtype), num_warps=tuning.TRITON_WARPS)
     return gx
