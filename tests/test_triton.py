@@ -34,7 +34,7 @@ CASES = {
                                                             spatial_partition=False, cell_num_ratio=4),
                                           (1, 8, 6, 6), "contiguous", "float32"),
     "conv3x3_groups": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4),
-                       (3, 8, 6, 6), "contiguous", "float32"),
+                       (2, 8, 5, 5), "contiguous", "float32"),
     "conv3x3_tiles_in_one_cell": (kw.KWConv2d, dict(in_channels=32, out_channels=32, kernel_size=3, padding=1),
                                   (3, 32, 5, 5), "contiguous", "float32"),
     "conv3x3_groups_tiles_in_one_cell": (kw.KWConv2d, dict(in_channels=32, out_channels=64, kernel_size=3, stride=2,
