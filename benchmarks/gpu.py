@@ -44,7 +44,8 @@ CHECKS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("3x3 stride 2, 64->128", lambda: kw.KWConv2d(64, 128, 3, stride=2, padding=1), (8, 64, 15, 15)),
     ("7x7 stride 2, 3->64 (stem)", lambda: kw.KWConv2d(3, 64, 7, stride=2, padding=3), (4, 3, 32, 32)),
     ("1x1 stride 2, 64->128", lambda: kw.KWConv2d(64, 128, 1, stride=2), (8, 64, 14, 14)),
-    ("3x3 dilation 2, groups 4", lambda: kw.KWConv2d(32, 64, 3, padding=2, dilation=2, groups=4), (3, 32, 9, 9)),
+    ("3x3 dilation 2, groups 4", lambda: kw.KWConv2d(32, 64, 3, padding=2, dilation=2, groups=4),
+     (3, 32, 9, 9)),
     ("3x3, whole-kernel cells, batch 1", lambda: kw.KWConv2d(32, 32, 3, padding=1, spatial_partition=False),
      (1, 32, 10, 10)),
     ("linear 256->100 over 7 tokens", lambda: kw.KWLinear(256, 100), (5, 7, 256)),
@@ -106,7 +107,8 @@ def correctness() -> bool:
                 with kw.execution_path(path):
                     out = model(x)
                 out.square().mean().backward()
-                results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+                grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+                results.append((out.detach(), grads))
             worst_grad = max(relative(a, b) for a, b in zip(results[0][1], results[1][1]))
             ok = relative(results[0][0], results[1][0]) < 1e-4 and worst_grad < 1e-3
             print(f"| KW-ResNet18 1x, batch 4, 64x64 | fp32 | {relative(results[0][0], results[1][0]):.1e} | "
@@ -114,7 +116,8 @@ def correctness() -> bool:
             passed &= ok
         except Exception as error:  # noqa: BLE001
             passed = False
-            print(f"| KW-ResNet18 1x | fp32 | failed: {type(error).__name__}: {str(error)[:200]} | | | | NO |")
+            print(f"| KW-ResNet18 1x | fp32 | failed: {type(error).__name__}: {str(error)[:200]} "
+                  f"| | | | NO |")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"\ncorrectness: {'all cases pass' if passed else 'SOME CASES FAIL'}\n", flush=True)
@@ -134,7 +137,8 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+               amp: torch.dtype | None) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def step() -> None:
@@ -213,7 +217,8 @@ def cell(value: float | str, static: float | str, unit: str, batch: int, is_stat
     return f"{shown} ({value / static:.2f}x)"
 
 
-def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_last: bool, image_size: int) -> None:
+def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_last: bool,
+                image_size: int) -> None:
     torch.manual_seed(0)
     static = static_counterpart(name)[0].to(DEVICE)
     kw_model = kw.create_model(name, budget=1).to(DEVICE)
@@ -227,7 +232,8 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
     figures: dict[str, tuple[str, dict[str, float | str]]] = {}
     layer_paths: dict[str, dict[str, dict[str, str | None]]] = {p: {} for p in paths}
 
-    def per_path(make: Callable[[nn.Module], Callable[[], None]], figure: str) -> dict[str, Callable[[], None]]:
+    def per_path(make: Callable[[nn.Module], Callable[[], None]],
+                 figure: str) -> dict[str, Callable[[], None]]:
         fns = {}
         for column in columns:
             path = None if column == "static" else column
@@ -257,7 +263,8 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
     print("| figure | " + " | ".join(f"KW {c}" if c != "static" else c for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for figure, (unit, values) in figures.items():
-        row = " | ".join(cell(values.get(c, "not run"), values.get("static", "n/a"), unit, batch, c == "static")
+        static_value = values.get("static", "n/a")
+        row = " | ".join(cell(values.get(c, "not run"), static_value, unit, batch, c == "static")
                          for c in columns)
         print(f"| {figure} | {row} |")
     if "reference" in paths:
@@ -278,12 +285,14 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
         summary = {figure: Counter(str(v) for v in chosen.values()) for figure, chosen in by_figure.items()}
         for figure, counts in summary.items():
             print(f"  {figure}: " + ", ".join(f"{p} x{n}" for p, n in counts.most_common()))
-        others = [layer for layer in layers if any(str(by_figure[f].get(layer)).split(":")[0] != path for f in by_figure)]
+        others = [layer for layer in layers
+                  if any(str(by_figure[f].get(layer)).split(":")[0] != path for f in by_figure)]
         if others and path != "auto":
             print(f"  layers that did not take {path}:")
         for layer in (layers if path == "auto" else others):
             chosen = {str(by_figure[f].get(layer)) for f in by_figure}
-            shown = chosen.pop() if len(chosen) == 1 else ", ".join(f"{f} {by_figure[f].get(layer)}" for f in by_figure)
+            shown = (chosen.pop() if len(chosen) == 1
+                     else ", ".join(f"{f} {by_figure[f].get(layer)}" for f in by_figure))
             print(f"  {layer}: {shown}")
 
 
@@ -304,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="triton,reference",
                         help="comma-separated execution paths; 'auto' times every candidate per layer first")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--channels-last", action="store_true", help="models and inputs in channels-last layout")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="models and inputs in channels-last layout")
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--device", default="cuda", help="'cpu' runs the table alone, as a dry run of this script")
+    parser.add_argument("--device", default="cuda",
+                        help="'cpu' runs the table alone, as a dry run of this script")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)

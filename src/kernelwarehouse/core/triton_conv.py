@@ -69,8 +69,8 @@ def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
                     sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                     N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                    TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
+                    TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,13 +91,14 @@ def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
         for c0 in range(0, C_IN_GROUP, BLOCK_K):
             ci = c0 + tl.arange(0, BLOCK_K)
             ci_ok = ci < C_IN_GROUP
-            xt = tl.load(rows[:, None] + ci[None, :].to(tl.int64) * sxc, mask=inside[:, None] & ci_ok[None, :],
-                         other=0.0)
+            xt = tl.load(rows[:, None] + ci[None, :].to(tl.int64) * sxc,
+                         mask=inside[:, None] & ci_ok[None, :], other=0.0)
             wt = _weight_tile(mix, cells_ptr, oc[None, :], ci[:, None], kpos, ci_ok[:, None] & oc_ok[None, :],
                               first_oc, c0, N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS,
                               SE_CELL, SE_OUT, ONE_CELL)
             acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
-    out = out_ptr + sample * sob + (oc.to(tl.int64) * soc)[None, :] + (oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
+    out = (out_ptr + sample * sob + (oc.to(tl.int64) * soc)[None, :]
+           + (oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & oc_ok[None, :])
 
 
@@ -106,9 +107,10 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
                        H, W, OH, OW, C_OUT_GROUP, C_IN_GROUP,
                        sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                       N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                       TILES_N, TILES_M, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
+                       N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL,
+                       SE_OUT, TILES_N, TILES_M, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr,
+                       PRECISION: tl.constexpr):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     # input positions of one phase (ih mod stride, iw mod stride): a kernel offset reaches all of
@@ -139,9 +141,11 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
                 oc_ok = oc_local < C_OUT_GROUP
                 gt = tl.load(rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
                              mask=reached[:, None] & oc_ok[None, :], other=0.0)
-                wt = _weight_tile(mix, cells_ptr, (group * C_OUT_GROUP + oc_local)[:, None], ci[None, :], kpos,
-                                  oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci, N_CELLS,
-                                  C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL)
+                oc = group * C_OUT_GROUP + oc_local
+                wt = _weight_tile(mix, cells_ptr, oc[:, None], ci[None, :], kpos,
+                                  oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci,
+                                  N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL,
+                                  SE_OUT, ONE_CELL)
                 acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
     gx = (gx_ptr + sample * sxb + ((group * C_IN_GROUP + ci).to(tl.int64) * sxc)[None, :]
           + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None])
@@ -181,9 +185,11 @@ def _weight_grad_kernel(x_ptr, grad_ptr, gw_ptr,
                      mask=pos_ok[:, None] & oc_ok[None, :], other=0.0)
         acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
     # dW split into cells: (sample, m, c_out, c_in, k_cell), what the mixture and cell gradients read
-    cell = ((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL)[None, :] * IN_BLOCKS + (ci // C_IN_CELL)[:, None]
-    within = ((oc % C_OUT_CELL) * C_IN_CELL * K_CELL)[None, :] + ((ci % C_IN_CELL) * K_CELL + kpos % K_CELL)[:, None]
     cell_size = C_OUT_CELL * C_IN_CELL * K_CELL
+    cell = (((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL)[None, :] * IN_BLOCKS
+            + (ci // C_IN_CELL)[:, None])
+    within = (((oc % C_OUT_CELL) * C_IN_CELL * K_CELL)[None, :]
+              + ((ci % C_IN_CELL) * K_CELL + kpos % K_CELL)[:, None])
     gw = gw_ptr + sample * M_CELLS * cell_size + cell.to(tl.int64) * cell_size + within
     tl.store(gw, acc, mask=ci_ok[:, None] & oc_ok[None, :])
 
@@ -274,7 +280,8 @@ class _Cells(NamedTuple):
                 and self.c_in % tile_in == 0 and c_in_group % tile_in == 0)
 
 
-def _like_input(x4: torch.Tensor, batch: int, channels: int, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def _like_input(x4: torch.Tensor, batch: int, channels: int, size: tuple[int, int],
+                dtype: torch.dtype) -> torch.Tensor:
     """An empty (B, C, H, W) tensor laid out as ``x4``: channels last where its channels are."""
     if x4.stride(1) == 1 and x4.shape[1] > 1:
         return torch.empty(batch, *size, channels, device=x4.device, dtype=dtype).permute(0, 3, 1, 2)
@@ -297,9 +304,10 @@ def forward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: Co
     block_k = _block(c_in_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n = triton.cdiv(c_out_group, block_n)
     grid = (triton.cdiv(size[0] * size[1], block_m), plane.groups * tiles_n, batch)
-    _forward_kernel[grid](x4, warehouse.mixture, warehouse.cells, out, *x4.shape[2:], *size, c_out_group, c_in_group,
-                          *x4.stride(), *out.stride(), *_conv_args(plane), *warehouse.args(), tiles_n,
-                          KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    _forward_kernel[grid](x4, warehouse.mixture, warehouse.cells, out, *x4.shape[2:], *size, c_out_group,
+                          c_in_group, *x4.stride(), *out.stride(), *_conv_args(plane), *warehouse.args(),
+                          tiles_n, KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                          BLOCK_K=block_k,
                           ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_n, block_k),
                           PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
     return _from_4d(out, geo)
@@ -320,10 +328,11 @@ def input_grad(grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, g
     block_k = _block(c_out_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n, tiles_m = triton.cdiv(c_in_group, block_n), triton.cdiv(positions, block_m)
     grid = (plane.stride[0] * plane.stride[1] * tiles_m, plane.groups * tiles_n, batch)
-    _input_grad_kernel[grid](g4, warehouse.mixture, warehouse.cells, gx4, *x4.shape[2:], *g4.shape[2:], c_out_group,
-                             c_in_group, *g4.stride(), *gx4.stride(), *_conv_args(plane), *warehouse.args(), tiles_n,
-                             tiles_m, KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k, ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
+    _input_grad_kernel[grid](g4, warehouse.mixture, warehouse.cells, gx4, *x4.shape[2:], *g4.shape[2:],
+                             c_out_group, c_in_group, *g4.stride(), *gx4.stride(), *_conv_args(plane),
+                             *warehouse.args(), tiles_n, tiles_m, KH=plane.kernel[0], KW=plane.kernel[1],
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
                              PRECISION=_precision(grad.dtype), num_warps=tuning.TRITON_WARPS)
     return gx
 
@@ -384,7 +393,8 @@ class FusedConv(torch.autograd.Function):
         return grad_x, grad_mixture, grad_cells, None
 
 
-def triton_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+def triton_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,
+                geo: ConvGeometry) -> torch.Tensor:
     """A KernelWarehouse convolution (without bias) on the fused kernels; x in autocast's dtype where
     autocast is on, the mixture weights and cells as they are (the assembly runs in fp32)."""
     kind = x.device.type
