@@ -1,5 +1,6 @@
 """The ``triton`` path: its place in the registry (here, on CPU) and its kernels against the
-``reference`` path, run by Triton's interpreter on CPU tensors.
+``reference`` path, run by Triton's interpreter on CPU tensors; and (slow) the kernels compiled
+for CUDA, which needs no GPU either.
 
 The interpreter must be switched on (``TRITON_INTERPRET=1``) before Triton is first imported, and
 other tests of a worker may have imported it already; so the kernels run in one subprocess, this
@@ -84,11 +85,59 @@ def run_case(name: str) -> list[float]:
     return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)]
 
 
+def compile_report() -> dict[str, int]:
+    """Every kernel compiled for CUDA (sm_80, sm_90) by Triton's own compiler and ptxas, which need no
+    GPU, with the tile sizes of :mod:`kernelwarehouse.tuning`: {kernel: bytes of stack per thread},
+    where a stack means registers spilled to memory."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernelwarehouse import tuning
+    from kernelwarehouse.core import triton_conv as kernels
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tiles = dict(BLOCK_M=tuning.TRITON_BLOCK_POSITIONS, BLOCK_N=tuning.TRITON_BLOCK_CHANNELS,
+                 BLOCK_K=tuning.TRITON_BLOCK_REDUCTION)
+    stacks = {}
+    for arch in (80, 90):
+        for dtype, precision in (("fp32", "tf32"), ("bf16", "ieee")):
+            tensors = {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "grad_ptr", "gx_ptr")}
+            tensors.update(mix_ptr="*fp32", cells_ptr="*fp32", gw_ptr="*fp32")
+            assembling = (kernels._forward_kernel, kernels._input_grad_kernel)
+            jobs = [(kernel, dict(tiles, ONE_CELL=one_cell), f"{kernel.__name__} one_cell={one_cell}")
+                    for kernel in assembling for one_cell in (True, False)]
+            weight_tiles = dict(BLOCK_L=tuning.TRITON_BLOCK_REDUCTION, BLOCK_CI=tuning.TRITON_BLOCK_CHANNELS,
+                                BLOCK_OC=tuning.TRITON_BLOCK_CHANNELS)
+            jobs.append((kernels._weight_grad_kernel, weight_tiles, "_weight_grad_kernel"))
+            for kernel, constants, name in jobs:
+                constants.update(KH=3, KW=3, PRECISION=precision)
+                signature = {arg: "constexpr" if arg in constants else tensors.get(arg, "i32")
+                             for arg in kernel.arg_names}
+                compiled = triton.compile(ASTSource(kernel, signature, constants),
+                                          target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": tuning.TRITON_WARPS})
+                cubin = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"kw-triton-{os.getpid()}.cubin"
+                cubin.write_bytes(compiled.asm["cubin"])
+                usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True,
+                                       text=True)
+                cubin.unlink()
+                stacks[f"sm_{arch} {dtype} {name}"] = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+    return stacks
+
+
 def main() -> None:
     try:
         import triton.language  # noqa: F401
     except Exception as error:  # noqa: BLE001 - any failure means: no interpreter here
         print(json.dumps({"unavailable": f"triton does not import: {error!r}"}))
+        return
+    if sys.argv[1:] == ["compile"]:
+        try:
+            print(json.dumps({"stacks": compile_report()}))
+        except Exception as error:  # noqa: BLE001 - no CUDA compiler in this Triton
+            print(json.dumps({"unavailable": f"cannot compile for CUDA here: {error!r}"}))
         return
     torch.backends.cudnn.allow_tf32 = False  # exact fp32 products
     errors = {}
@@ -98,18 +147,26 @@ def main() -> None:
     print(json.dumps({"errors": errors}))
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, list[float]]:
+def _run_script(*args: str, interpret: bool) -> dict:
+    """This file run as a script in a fresh process (Triton not yet imported there)."""
     package_root = pathlib.Path(kw.__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
+                          timeout=900)
     if done.returncode != 0:
-        pytest.fail(f"the interpreted kernels failed:\n{done.stderr[-4000:]}")
+        pytest.fail(f"the kernels failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if "unavailable" in result:
-        pytest.skip(f"Triton's interpreter is unavailable: {result['unavailable']}")
-    return result["errors"]
+        pytest.skip(result["unavailable"])
+    return result
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, list[float]]:
+    return _run_script(interpret=True)["errors"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -117,6 +174,14 @@ def test_kernels_match_reference(interpreted: dict[str, list[float]], name: str)
     tolerance = TOLERANCE[CASES[name][4]]
     for what, error in zip(OUTPUTS, interpreted[name]):
         assert error < tolerance, f"{name}: {what} differs from the reference by {error:.2e} (relative)"
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_cuda_without_spills() -> None:
+    stacks = _run_script("compile", interpret=False)["stacks"]
+    assert len(stacks) == 20
+    spilled = {kernel: size for kernel, size in stacks.items() if size}
+    assert not spilled, f"with the tiles of kernelwarehouse.tuning these kernels spill registers: {spilled}"
 
 
 # -- the registry, on CPU (Triton is not imported) -----------------------------------------------
