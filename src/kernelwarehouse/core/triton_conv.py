@@ -396,8 +396,16 @@ class FusedConv(torch.autograd.Function):
 def triton_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,
                 geo: ConvGeometry) -> torch.Tensor:
     """A KernelWarehouse convolution (without bias) on the fused kernels; x in autocast's dtype where
-    autocast is on, the mixture weights and cells as they are (the assembly runs in fp32)."""
+    autocast is on, the mixture weights and cells as they are (the assembly runs in fp32).
+
+    A 2-d input is taken channels-last (copied once if it is not; the output is channels-last too,
+    so the layers after it keep that layout): the kernels read a tile of input channels as one
+    contiguous run per position, which the compiled loads vectorize, where rows of an NCHW input
+    would be read element by element."""
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    x = x.to(dtype)
+    if geo.dims == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(kind, enabled=False):
-        return FusedConv.apply(x.to(dtype), mixture, cells, geo)
+        return FusedConv.apply(x, mixture, cells, geo)
