@@ -3,8 +3,9 @@ recomputes the assembled weights instead of keeping them.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+
+import contextlib
 
 import torch
 
