@@ -10,15 +10,16 @@ from the mixture weights and the warehouse cells (:func:`_weight_tile`) right be
 ``_input_grad_kernel``
     the same on the transposed problem, a program per (tile of input positions, tile of input
     channels, sample): ``grad_x[b] = W_b^T * grad[b]``; each input position gathers the output
-    positions its kernel offsets reach (strided convolutions mask the offsets that reach none).
+    positions its kernel offsets reach. Input positions are tiled by phase (position mod stride),
+    so a strided convolution skips the kernel offsets that reach no output of the tile.
 ``_weight_grad_kernel``
     per-sample weight gradients ``dW_b = grad[b] x[b]^T`` (reduced over output positions), written
-    for a chunk of samples at a time; one product per chunk then turns them into the mixture and
-    cell gradients (:func:`.recompute.cells_gradients`), as the ``grouped`` path does.
+    in cell order for a chunk of samples at a time; two products per chunk then turn them into the
+    mixture and cell gradients (:func:`.recompute.cells_gradients`), as the ``grouped`` path does.
 
 Supported: 2-d and 1-d convolutions of any stride, padding, dilation and groups (not depthwise,
-which the other paths serve), and linear layers (a 1x1 convolution over the tokens); any input
-strides (channels-last included). Products run in the input's dtype (autocast's where it is on;
+which the other paths serve), and linear layers (a 1x1 convolution over the tokens). The kernels
+take any strides; :func:`triton_conv` hands them 2-d inputs channels-last. Products run in the input's dtype (autocast's where it is on;
 fp32 with TF32 where ``torch.backends.cudnn.allow_tf32`` allows it, as PyTorch's convolutions do)
 with fp32 accumulation; the assembly runs in fp32. Under ``TRITON_INTERPRET=1`` the kernels run on
 CPU tensors (how the tests check them without a GPU).
