@@ -37,6 +37,19 @@ PRODUCT_MAX_POSITIONS = 256
 NATIVE_MIN_MACS = 1 << 18
 NATIVE_MIN_LENGTH = 16  # one AVX-512 vector, two AVX2 ones
 
+#: Tile edges and warps of the ``triton`` path's kernels (:mod:`kernelwarehouse.core.triton_conv`):
+#: output (or input) positions per tile, channels per tile, and the reduction step over channels
+#: (positions for the weight gradient); each is cut down to the power of two that covers a small
+#: layer (16 at least, what a matrix product on tensor cores takes). Not timed on a GPU yet. Each
+#: assembled weight tile serves one tile of positions, so larger position tiles assemble less often;
+#: compiled for sm_90 (Triton 3.8's ptxas, 2026-11-30; ``pytest -m slow tests/test_triton.py``),
+#: 128 x 64 x 32 spills registers on 4 warps (255 registers and 104-360 bytes of stack per thread in
+#: the forward and input-gradient kernels, fp32 and bf16) and spills nothing on 8 warps (177-193).
+TRITON_BLOCK_POSITIONS = 128
+TRITON_BLOCK_CHANNELS = 64
+TRITON_BLOCK_REDUCTION = 32
+TRITON_WARPS = 8
+
 # -- the measured choice ---------------------------------------------------------------------------
 
 #: Timed runs per candidate path, after one untimed warm-up; the fastest run counts (the least

@@ -26,6 +26,11 @@ function along one of several *paths*, all equal up to float rounding. Each is o
     as products over the input patches), ``loop:sample`` (per-sample weight gradients),
     ``loop:mix`` (the mix form, no weight built). On CPU the products with a small inner dimension
     run on the native kernels of :mod:`kernelwarehouse.native`.
+``triton``  (:mod:`.triton_conv`, imported when it first runs; CUDA devices with Triton)
+    fused GPU kernels: an implicit-GEMM convolution per sample that assembles each weight tile in
+    registers right before using it, so no per-sample weight reaches memory; its backward assembles
+    again for the input gradient. 2-d, 1-d and linear layers, not depthwise. ``auto`` takes it only
+    where timing on the GPU finds it fastest; the fixed rule does not take it.
 
 ``auto`` (the default) is resolved per call by :func:`.paths.resolve`: measured on this machine
 the first time a layer geometry is seen (:mod:`.choice`), or by the fixed rule

@@ -10,6 +10,7 @@ into a choice: ``auto`` among :func:`candidates` measured (:mod:`.choice`) or, w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -126,6 +127,28 @@ def _one_by_one(path: str) -> Forward:
     return forward
 
 
+def _triton(x, mixture, cells, geo, backward, lean):
+    from .triton_conv import triton_conv  # imports Triton: only once the path runs
+    return triton_conv(x, mixture, cells, geo)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports here (asked only for calls on a CUDA device)."""
+    try:
+        import triton.language  # noqa: F401
+    except Exception:  # not installed, or installed without a working backend
+        return False
+    return True
+
+
+def triton_supported(call: LayerCall) -> bool:
+    """The ``triton`` path: eager calls on a CUDA device with Triton, 2-d and 1-d convolutions and
+    linear layers, not depthwise (one input channel per group: the other paths serve those)."""
+    return (call.device.startswith("cuda") and not call.graph and call.geo.dims <= 2
+            and call.geo.weight_shape[1] > 1 and triton_available())
+
+
 REGISTRY: dict[str, ExecutionPath] = {}
 
 
@@ -156,6 +179,10 @@ register(ExecutionPath(
     "patches", "as loop, each weight applied as one matrix product with the sample's input patches "
     "(eager mode, groups 1)", lambda call: call.geo.dims > 0 and call.geo.groups == 1 and not call.graph,
     _one_by_one("patches"), LOOP_BACKWARDS))
+register(ExecutionPath(
+    "triton", "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
+    "convolution, in backward too (CUDA with Triton; 2-d, 1-d and linear, not depthwise)", triton_supported,
+    _triton))
 
 
 #: The suffix of a choice that runs with PyTorch's products in place of the native kernels.

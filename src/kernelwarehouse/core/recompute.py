@@ -96,7 +96,17 @@ def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tenso
         if grad_x is not None:
             grad_x[part] = gx
         per_cell = split_into_cells(gw, geo.grid, cells.shape[1:])
-        per_cell = per_cell.reshape(-1, cells2d.shape[1])
-        grad_mixture[part] = torch.matmul(per_cell, cells2d.t()).reshape(weight.shape[0], -1, cells.shape[0])
-        grad_cells.addmm_(mixture[part].reshape(-1, cells.shape[0]).t(), per_cell)
+        cells_gradients(per_cell, mixture[part], cells2d, grad_mixture[part], grad_cells)
     return grad_cells.reshape(cells.shape)
+
+
+def cells_gradients(per_cell: torch.Tensor, mixture: torch.Tensor, cells2d: torch.Tensor,
+                    grad_mixture: torch.Tensor, grad_cells: torch.Tensor) -> None:
+    """From the per-sample weight gradients of a chunk of samples split into cells, (b, m, cell
+    elements), and their mixture weights (b, m, n): writes their mixture gradient, dW cells^T, into
+    ``grad_mixture`` (b, m, n) and adds their cell gradient, sum_b mixture_b^T dW_b, to
+    ``grad_cells`` (n, cell elements); ``cells2d`` is the warehouse as (n, cell elements)."""
+    num = cells2d.shape[0]
+    per_cell = per_cell.reshape(-1, cells2d.shape[1])
+    grad_mixture.copy_(torch.matmul(per_cell, cells2d.t()).reshape(mixture.shape[0], -1, num))
+    grad_cells.addmm_(mixture.reshape(-1, num).t(), per_cell)
