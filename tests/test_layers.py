@@ -119,6 +119,9 @@ def test_bad_arguments_are_rejected():
         kw.KWConv2d(4, 4, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match="padding_mode"):
         kw.KWConv2d(4, 4, 3, padding_mode="mirror")
+    with pytest.raises(ValueError, match=r"expects a batched 4-d input \(B, 16, \.\.\., \.\.\.\) with 16 channels, "
+                                         r"got shape \(2, 8, 8, 8\)"):
+        kw.KWConv2d(16, 32, 3)(torch.randn(2, 8, 8, 8))
     with pytest.raises(ValueError, match="expects a batched 4-d input"):
         kw.KWConv2d(4, 4, 3).eval()(torch.randn(4, 5, 5))
     with pytest.raises(ValueError, match="cannot be cut into cells"):

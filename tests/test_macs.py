@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn as nn
 
 import kernelwarehouse as kw
@@ -45,5 +46,16 @@ def test_layer_macs_by_hand():
 def test_static_modules_and_bad_shapes():
     model = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6, 5))
     assert count_macs(model, (2, 8)).total == 6 * 4 * 3 + 24 * 5
-    with pytest.raises(ValueError, match="input_shape"):
+    with pytest.raises(ValueError, match="shape of positive integers"):
         count_macs(model, (2, 0))
+
+
+def test_a_sample_shape_a_batched_shape_or_an_example_tensor():
+    model = kw.create_model("kw_resnet18", budget=1, small_input=True, num_classes=10)
+    per_sample = count_macs(model, (3, 16, 16))
+    assert count_macs(model, (1, 3, 16, 16)) == per_sample == count_macs(model, (5, 3, 16, 16))
+    assert count_macs(model, torch.randn(2, 3, 16, 16)) == per_sample == count_macs(model, torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match=r"first convolution \(conv1, 2-d\) takes samples of 3 dimensions"):
+        count_macs(model, (1, 1, 3, 16, 16))
+    with pytest.raises(ValueError, match="example tensor"):
+        count_macs(model, "3x16x16")

@@ -18,6 +18,28 @@ from ..core.layers import KWLayer
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def sample_shape(model: nn.Module, example: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    """One sample's shape from a sample shape, a batched shape or an example tensor; the model's
+    first convolution says how many dimensions a sample has."""
+    shape = tuple(example.shape) if isinstance(example, torch.Tensor) else tuple(example)
+    if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in shape):
+        raise ValueError(f"the input must be a shape of positive integers such as (3, 224, 224) or (1, 3, 224, 224), "
+                         f"or an example tensor; got {example if not isinstance(example, torch.Tensor) else shape}")
+    first = next(((name, m) for name, m in model.named_modules()
+                  if isinstance(m, _CONVS) or isinstance(m, KWLayer) and hasattr(m, "dims")), None)
+    if first is None:
+        return shape  # no convolution: a linear model takes the shape as it is given
+    name, layer = first
+    dims = layer.dims if isinstance(layer, KWLayer) else _CONVS.index(type(layer)) + 1
+    if len(shape) == dims + 2:
+        return shape[1:]
+    if len(shape) != dims + 1:
+        raise ValueError(f"{type(model).__name__}'s first convolution ({name or 'the model'}, {dims}-d) takes "
+                         f"samples of {dims + 1} dimensions (C, ...) or batches of {dims + 2} (B, C, ...); got "
+                         f"shape {shape}")
+    return shape
+
+
 @dataclass(frozen=True)
 class MacCount:
     """Multiply-adds per sample: ``total`` = ``layers`` (convolutions and linear layers applied to the
@@ -36,13 +58,12 @@ class MacCount:
                 f"{self.assembly / 1e9:.3f}, attention {self.attention / 1e9:.4f})")
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> MacCount:
-    """Count multiply-adds per sample of ``model`` on one input of ``input_shape`` (one sample's
-    shape, without the batch: (C, H, W) for images), including KernelWarehouse weight assembly and
-    attention. Runs one forward pass at batch size 1."""
-    shape = tuple(input_shape)
-    if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in shape):
-        raise ValueError(f"input_shape must be one sample's shape of positive integers, e.g. (3, 224, 224), got {shape}")
+def count_macs(model: nn.Module, example: Sequence[int] | torch.Tensor) -> MacCount:
+    """Count multiply-adds per sample of ``model``, including KernelWarehouse weight assembly and
+    attention. ``example`` is one sample's shape ((C, H, W) for images), a batched shape
+    ((B, C, H, W)) or an example tensor of either; counts are per sample whatever the batch. Runs one
+    forward pass at batch size 1."""
+    shape = sample_shape(model, example)
     counts = {"layers": 0, "assembly": 0, "attention": 0}
     dynamic = [m for m in model.modules() if isinstance(m, KWLayer) or hasattr(m, "assembly_macs")]
     inside_attention = {id(sub) for layer in dynamic for sub in layer.modules() if sub is not layer}

@@ -121,9 +121,11 @@ class _KWConvNd(KWLayer):
         return tuple(v for pair in reversed(pads) for v in pair)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.dims + 2:
-            raise ValueError(f"{type(self).__name__} expects a batched {self.dims + 2}-d input "
-                             f"(B, C, ...), got shape {tuple(x.shape)}")
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            expected = ", ".join(["B", str(self.in_channels)] + ["..."] * self.dims)
+            raise ValueError(f"{type(self).__name__}({self.in_channels}, {self.out_channels}, ...) expects a batched "
+                             f"{self.dims + 2}-d input ({expected}) with {self.in_channels} channels, got shape "
+                             f"{tuple(x.shape)}")
         attention = self.mixture(x.flatten(2).mean(dim=-1))
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
