@@ -290,3 +290,39 @@ def test_baseline_temperature_is_annealed_by_the_trainer(tmp_path):
     trainer.fit()
     layer = trainer.model.layer1[0].conv1
     assert layer.temperature == pytest.approx(baseline_temperature(3, 8)) and 1 < layer.temperature < 30
+
+
+def test_an_unreadable_image_is_named_and_the_last_checkpoint_kept(tmp_path, capsys):
+    from test_data import write_image_folder
+
+    root = write_image_folder(tmp_path / "images", per_class=4)
+    args = ["--model", "resnet18", "--data", str(root), "--image-size", "16", "--batch-size", "4",
+            "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu"]
+    code, _, err = run_kw(capsys, "train", *args, "--epochs", "1", "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    before = digest(tmp_path / "run")
+    broken = sorted((root / "train" / "dog").iterdir())[1]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    code, _, err = run_kw(capsys, "train", "--resume", str(tmp_path / "run"), "--epochs", "2")
+    assert code == 2 and str(broken) in err and "--skip-unreadable" in err and err.count("\n") == 1
+    assert digest(tmp_path / "run")["last.pt"] == before["last.pt"]
+    # opted in: the run goes on without it and counts it
+    code, out, err = run_kw(capsys, "train", *args, "--epochs", "1", "--skip-unreadable",
+                            "--output", str(tmp_path / "skipping"))
+    assert code == 0, err
+    assert "unreadable images skipped: 1 train, 0 val" in out
+    metrics = json.loads((tmp_path / "skipping" / "metrics.json").read_text())
+    assert metrics[-1]["train_unreadable"] == 1 and metrics[-1]["val_unreadable"] == 0
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    from kernelwarehouse.train import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_LINE_SECONDS", 0.0)
+    code, out, err = run_kw(capsys, *TRAIN, "--model", "kw_resnet18", "--budget", "1/2", "--epochs", "1",
+                            "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if " step " in line]
+    assert lines and lines[0].startswith("epoch 1/1  step 1/6  ")
+    for word in ("img/s", "loss", "lr", "tau", "epoch ends in"):
+        assert word in lines[0]

@@ -179,3 +179,17 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert whole["temperature"] == again["temperature"]
     for a, b in zip(whole["history"], again["history"]):
         assert {k: v for k, v in a.items() if "time" not in k} == {k: v for k, v in b.items() if "time" not in k}
+
+
+def test_a_recipe_is_a_set_of_overrides_of_the_train_config():
+    from dataclasses import fields
+
+    from kernelwarehouse.train import RECIPES, Recipe, TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    for recipe in RECIPES.values():
+        assert set(recipe.options()) <= names
+        TrainConfig(model="resnet18", **recipe.options())      # every recipe is a valid configuration
+    assert Recipe("short", "", {"epochs": 3}).options()["lr"] == TrainConfig(model="x").lr
+    with pytest.raises(ValueError, match="not training options"):
+        Recipe("bad", "", {"device": "cuda"})

@@ -21,7 +21,8 @@ from typing import Any
 from ..models.registry import format_budget, model_entry, parse_budget
 from ..train.plots import save_run_plots
 from ..train.recipes import get_recipe
-from ..train.trainer import TrainConfig, Trainer
+from ..train.config import TrainConfig
+from ..train.trainer import Trainer
 from . import CommandError
 from .train import add_training_options, parse_model_kwargs
 

@@ -12,7 +12,9 @@ from ..train.checkpoint import load_checkpoint
 from ..train.data import DataInfo, EpochBatches, load_data
 from ..bench import count_macs
 from ..train.evaluate import count_parameters, evaluate
-from ..train.trainer import TrainConfig, build_model, resolve_device
+from ..train.config import TrainConfig
+from ..train.environment import resolve_device
+from ..train.trainer import build_model
 from . import CommandError
 
 

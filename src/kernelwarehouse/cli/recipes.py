@@ -16,10 +16,11 @@ def run(args: argparse.Namespace) -> int:
               f"{'warmup':>6} {'tau ep':>6} {'smooth':>6} {'ema':>4}")
     print(header)
     print("-" * len(header))
-    for r in RECIPES.values():
-        print(f"{r.name:<12} {r.epochs:>6} {r.batch_size:>6} {r.optimizer:>6} {r.lr:>7g} {r.weight_decay:>7g} "
-              f"{r.scheduler:>7} {r.warmup_epochs:>6g} {r.temp_epochs:>6g} {r.label_smoothing:>6g} "
-              f"{'yes' if r.ema else 'no':>4}")
+    for name, recipe in RECIPES.items():
+        o = recipe.options()
+        print(f"{name:<12} {o['epochs']:>6} {o['batch_size']:>6} {o['optimizer']:>6} {o['lr']:>7g} "
+              f"{o['weight_decay']:>7g} {o['scheduler']:>7} {o['warmup_epochs']:>6g} {o['temp_epochs']:>6g} "
+              f"{o['label_smoothing']:>6g} {'yes' if o['ema'] else 'no':>4}")
     print()
     for r in RECIPES.values():
         print(f"{r.name}: {r.description}")

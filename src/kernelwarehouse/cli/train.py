@@ -16,7 +16,8 @@ import torch.distributed as dist
 from ..models.registry import format_budget, model_entry, parse_budget
 from ..train.checkpoint import load_checkpoint
 from ..train.recipes import get_recipe
-from ..train.trainer import TrainConfig, Trainer
+from ..train.config import TrainConfig
+from ..train.trainer import Trainer
 from . import CommandError
 
 # option name -> TrainConfig field, for the options that map one to one
@@ -148,5 +149,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                         help="deterministic kernels (default on)")
     parser.add_argument("--log-interval", type=int, help="steps between entries of steps.csv (10)")
+    parser.add_argument("--skip-unreadable", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip images that cannot be read (counted per epoch) instead of stopping")
     add_training_options(parser)
     parser.set_defaults(run=run)

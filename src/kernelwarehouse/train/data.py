@@ -50,12 +50,14 @@ class DataInfo:
 
 
 def load_data(source: str, image_size: int | None = None, limit_train: int | None = None,
-              limit_val: int | None = None, augment: Augmentation = Augmentation()
-              ) -> tuple[Dataset, Dataset, DataInfo]:
+              limit_val: int | None = None, augment: Augmentation = Augmentation(),
+              skip_unreadable: bool = False) -> tuple[Dataset, Dataset, DataInfo]:
     """(train set, validation set, info) for ``digits``, a CIFAR folder or an ImageFolder tree.
 
     ``limit_train`` / ``limit_val`` keep the first N samples of a fixed shuffle (for quick runs).
-    Raises ValueError (or FileNotFoundError) naming the path and what is wrong with it.
+    Raises ValueError (or FileNotFoundError) naming the path and what is wrong with it. An unreadable
+    image of an ImageFolder tree raises :class:`CorruptImageError` when it is loaded, or with
+    ``skip_unreadable`` is dropped from its batch (see :func:`collate_readable`).
     """
     if source == "digits":
         train, val, info = _digits()
@@ -72,7 +74,7 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
             train, val, info = _cifar(cifar, *_cifar_files(cifar))
             _no_augmentation(augment, "CIFAR")
         elif (path / "train").is_dir():
-            train, val, info = _image_folder(path, image_size or 224, augment)
+            train, val, info = _image_folder(path, image_size or 224, augment, skip_unreadable)
         else:
             raise ValueError(f"data path {source!r} is neither a CIFAR-10/100 python folder (data_batch_1.. "
                              f"or train/test pickles) nor an ImageFolder tree (train/ and val/ class folders)")
@@ -185,9 +187,43 @@ class CifarDataset(Dataset):
         return (image - self.mean) / self.std, self.labels[index]
 
 
-def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentation()
-                  ) -> tuple[Dataset, Dataset, DataInfo]:
-    from torchvision import datasets, transforms
+class CorruptImageError(ValueError):
+    """An image of an ImageFolder tree that cannot be read."""
+
+
+def image_folder_class(skip_unreadable: bool):
+    """torchvision's ImageFolder whose unreadable images raise :class:`CorruptImageError` naming the
+    file, or, with ``skip_unreadable``, come back as None (dropped by :func:`collate_readable`)."""
+    from torchvision import datasets
+
+    class CheckedImageFolder(datasets.ImageFolder):
+        def __getitem__(self, index: int):
+            try:
+                return super().__getitem__(index)
+            except (OSError, ValueError, SyntaxError) as error:   # PIL's errors for truncated / foreign files
+                if skip_unreadable:
+                    return None
+                raise CorruptImageError(f"unreadable image {self.samples[index][0]}: {error} "
+                                        f"(--skip-unreadable skips such images and counts them)") from None
+
+    return CheckedImageFolder
+
+
+def collate_readable(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A batch of the samples that could be read, and how many could not."""
+    from torch.utils.data import default_collate
+
+    readable = [s for s in samples if s is not None]
+    skipped = len(samples) - len(readable)
+    if not readable:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(readable)
+    return images, labels, skipped
+
+
+def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentation(),
+                  skip_unreadable: bool = False) -> tuple[Dataset, Dataset, DataInfo]:
+    from torchvision import transforms
 
     if not (path / "val").is_dir():
         raise FileNotFoundError(f"ImageFolder tree {str(path)!r} has train/ but no val/")
@@ -209,9 +245,10 @@ def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentat
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
         val_tf = create_transform(image_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    folder = image_folder_class(skip_unreadable)
     try:
-        train = datasets.ImageFolder(str(path / "train"), transform=train_tf)
-        val = datasets.ImageFolder(str(path / "val"), transform=val_tf)
+        train = folder(str(path / "train"), transform=train_tf)
+        val = folder(str(path / "val"), transform=val_tf)
     except (FileNotFoundError, RuntimeError) as error:
         raise ValueError(f"ImageFolder tree {str(path)!r}: {error}".splitlines()[0]) from None
     if train.classes != val.classes:

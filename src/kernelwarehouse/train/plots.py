@@ -19,9 +19,16 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def run_colors(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """One colour per run, the same in every panel (a panel may leave runs out: the static model has
+    no temperature)."""
+    return {label: f"C{i}" for i, label in enumerate(runs)}
+
+
 def plot_accuracy(ax, runs: dict[str, dict[str, Any]]) -> None:
+    colors = run_colors(runs)
     for label, run in runs.items():
-        ax.plot(*_series(run["history"], "val_top1"), marker="o", markersize=3, label=label)
+        ax.plot(*_series(run["history"], "val_top1"), marker="o", markersize=3, label=label, color=colors[label])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("accuracy")
@@ -30,8 +37,9 @@ def plot_accuracy(ax, runs: dict[str, dict[str, Any]]) -> None:
 
 
 def plot_loss(ax, runs: dict[str, dict[str, Any]]) -> None:
-    for i, (label, run) in enumerate(runs.items()):
-        color = f"C{i}"
+    colors = run_colors(runs)
+    for label, run in runs.items():
+        color = colors[label]
         ax.plot(*_series(run["history"], "train_loss"), color=color, label=f"{label} train")
         ax.plot(*_series(run["history"], "val_loss"), color=color, linestyle="--", label=f"{label} val")
     ax.set_yscale("log")
@@ -42,10 +50,11 @@ def plot_loss(ax, runs: dict[str, dict[str, Any]]) -> None:
 
 
 def plot_temperature(ax, runs: dict[str, dict[str, Any]]) -> None:
+    colors = run_colors(runs)
     for label, run in runs.items():
         steps = [s for s in run.get("steps", []) if s.get("tau") is not None]
         if steps:
-            ax.plot([s["epoch"] for s in steps], [s["tau"] for s in steps], label=label)
+            ax.plot([s["epoch"] for s in steps], [s["tau"] for s in steps], label=label, color=colors[label])
     ax.set_xlabel("epoch")
     ax.set_ylabel("tau")
     ax.set_ylim(-0.05, 1.05)

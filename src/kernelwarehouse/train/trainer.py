@@ -10,21 +10,17 @@ counter and every random state of every process, so a resumed run continues bit 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -39,110 +35,13 @@ from ..core.temperature import TemperatureSchedule
 from ..models.registry import create_model, model_entry
 from .checkpoint import (FORMAT, VERSION, config_differences, load_checkpoint, publish, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import Augmentation, DataInfo, EpochBatches, load_data
+from .config import TrainConfig
+from .environment import DistEnv, resolve_device, seed_everything, seed_worker
+from .output import csv_text, tensorboard_writer, write_atomic
+from .progress import ProgressLines, print_above_bars, progress_bar
+from .data import Augmentation, DataInfo, EpochBatches, collate_readable, load_data
 from .ema import ModelEma
 from .evaluate import count_parameters, evaluate
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "step", "constant")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; stored in every checkpoint as ``config``."""
-
-    model: str
-    data: str = "digits"
-    budget: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"
-    step_epochs: int = 30
-    warmup_epochs: float = 0.0
-    temp_epochs: float = 20.0
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    rand_augment: str | None = None
-    random_erasing: float = 0.0
-    drop_path: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.9999
-    amp: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    output: str = "runs/train"
-    recipe: str | None = None
-    image_size: int | None = None
-    limit_train: int | None = None
-    limit_val: int | None = None
-    deterministic: bool = True
-    log_interval: int = 10
-
-    def __post_init__(self) -> None:
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("weight_decay", self.weight_decay >= 0), ("temp_epochs", self.temp_epochs >= 0),
-                  ("warmup_epochs", self.warmup_epochs >= 0), ("workers", self.workers >= 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_path", 0 <= self.drop_path < 1),
-                  ("mixup", self.mixup >= 0), ("cutmix", self.cutmix >= 0),
-                  ("random_erasing", 0 <= self.random_erasing <= 1),
-                  ("step_epochs", self.step_epochs >= 1), ("log_interval", self.log_interval >= 1)]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} is out of range: {getattr(self, name)!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "DistEnv":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-
 
 def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     """The registered model for the dataset: its classes and channels, the small-image stem when the
@@ -188,30 +87,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    publish(tmp, path)
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 class Trainer:
     """Builds data, model, optimizer and schedules from a :class:`TrainConfig` (or a checkpoint to
     resume) and trains with :meth:`fit`. Under torchrun it trains with DDP (gloo on CPU, NCCL on
@@ -223,7 +98,7 @@ class Trainer:
         self.env = DistEnv.from_environment()
         self.progress = self.env.is_main and (sys.stderr.isatty() if progress is None else progress)
         if self.progress and log is print:
-            log = _progress_safe_print
+            log = print_above_bars
         self.log = log if self.env.is_main and log is not None else (lambda message: None)
         state = load_checkpoint(resume) if resume is not None else None
         if state is not None:
@@ -238,7 +113,7 @@ class Trainer:
         seed_everything(config.seed, config.deterministic)
         augment = Augmentation(config.rand_augment, config.random_erasing)
         self.train_set, self.val_set, self.info = load_data(config.data, config.image_size, config.limit_train,
-                                                            config.limit_val, augment)
+                                                            config.limit_val, augment, config.skip_unreadable)
         model = build_model(config, self.info)
         check_batch_size(model, config.batch_size)
         self.has_kw = bool(kw_layers(model))
@@ -299,8 +174,9 @@ class Trainer:
         cfg, env = self.config, self.env
         batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size, train)
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + env.rank)
+        collate = {"collate_fn": collate_readable} if cfg.skip_unreadable else {}
         return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, generator=generator,
-                          worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda")
+                          worker_init_fn=seed_worker, pin_memory=self.device.type == "cuda", **collate)
 
     # -- state ------------------------------------------------------------------------------
     def _gather(self, value: Any) -> list[Any]:
@@ -344,9 +220,15 @@ class Trainer:
         cfg, model = self.config, self.model
         model.train()
         loader = self._loader(self.train_set, epoch, train=True)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, samples
-        bar = _progress(loader, self.progress, f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for images, labels in bar:
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, correct, samples, unreadable
+        bar = progress_bar(loader, self.progress, f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        report = ProgressLines(self.log, epoch, cfg.epochs, len(loader)) if not self.progress else None
+        for index, batch in enumerate(bar):
+            images, labels = batch[0], batch[1]
+            if len(batch) > 2:   # --skip-unreadable: the batch without the images that could not be read
+                totals[3] += batch[2]
+                if len(labels) == 0:
+                    continue
             tau = self.temperature.step()
             # DY-Conv / ODConv baselines: their softmax temperature, 30 -> 1 over the same steps
             set_baseline_temperature(model, baseline_temperature(self.step, self.temperature.anneal_steps))
@@ -375,9 +257,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(_unwrap(model))
             self.step += 1
-            batch = len(labels)
-            totals += torch.tensor([loss.item() * batch, (logits.argmax(1) == labels).sum().item(), batch],
-                                   dtype=torch.float64, device=self.device)
+            size = len(labels)
+            totals[:3] += torch.tensor([loss.item() * size, (logits.argmax(1) == labels).sum().item(), size],
+                                       dtype=torch.float64, device=self.device)
+            lr = self.optimizer.param_groups[0]["lr"]
+            if report is not None:
+                report.step(index + 1, size, loss.item(), lr, tau if self.has_kw else None)
             if self.step % cfg.log_interval == 0:
                 entry = {"step": self.step, "epoch": epoch + self.step_in_epoch() / self.steps_per_epoch,
                          "lr": self.optimizer.param_groups[0]["lr"], "tau": tau if self.has_kw else None,
@@ -388,11 +273,18 @@ class Trainer:
                         if entry[key] is not None:
                             self.tensorboard.add_scalar(f"train/{key}", entry[key], self.step)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{tau:.3f}")
+                rate = bar.format_dict.get("rate") or 0.0
+                postfix = {"img/s": f"{rate * size:.0f}", "loss": f"{loss.item():.3f}", "lr": f"{lr:.3g}"}
+                if self.has_kw:
+                    postfix["tau"] = f"{tau:.3f}"
+                bar.set_postfix(postfix)
         if self.env.world_size > 1:
             dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-        return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1)}
+        loss_sum, correct, count, unreadable = totals.tolist()
+        metrics = {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1)}
+        if cfg.skip_unreadable:
+            metrics["train_unreadable"] = int(unreadable)
+        return metrics
 
     def step_in_epoch(self) -> int:
         return self.step - self.epoch * self.steps_per_epoch
@@ -421,11 +313,11 @@ class Trainer:
         cfg = self.config
         if self.env.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            self.tensorboard = _tensorboard(self.output / "tensorboard", self.step)
-            _write_atomic(self.output / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
+            self.tensorboard = tensorboard_writer(self.output / "tensorboard", self.step)
+            write_atomic(self.output / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
         if self.epoch >= cfg.epochs:
             self.log(f"nothing to do: the checkpoint has finished {self.epoch} of {cfg.epochs} epochs")
-        epochs = _progress(range(self.epoch, cfg.epochs), self.progress, "epochs")
+        epochs = progress_bar(range(self.epoch, cfg.epochs), self.progress, "epochs")
         for epoch in epochs:
             start = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1}
@@ -456,6 +348,8 @@ class Trainer:
             if self.env.is_main:
                 self._write(state, improved)
             tau = "" if row["tau"] is None else f"  tau {row['tau']:.3f}"
+            if cfg.skip_unreadable:
+                tau += f"  unreadable images skipped: {row['train_unreadable']} train, {row['val_unreadable']} val"
             self.log(f"epoch {self.epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_top1']:.2f}%  "
                      f"val {row['val_top1']:.2f}% (top-5 {row['val_top5']:.2f}%, loss {row['val_loss']:.4f})"
                      f"{tau}  lr {row['lr']:.4g}  {row['epoch_time']:.1f}s")
@@ -471,9 +365,9 @@ class Trainer:
             os.close(fd)
             shutil.copyfile(out / "last.pt", tmp)
             publish(tmp, out / "best.pt")
-        _write_atomic(out / "metrics.json", json.dumps(self.history, indent=2))
-        _write_atomic(out / "metrics.csv", _csv(self.history))
-        _write_atomic(out / "steps.csv", _csv(self.step_log))
+        write_atomic(out / "metrics.json", json.dumps(self.history, indent=2))
+        write_atomic(out / "metrics.csv", csv_text(self.history))
+        write_atomic(out / "steps.csv", csv_text(self.step_log))
         if self.tensorboard is not None:
             row = self.history[-1]
             for key, value in row.items():
@@ -481,30 +375,3 @@ class Trainer:
                     self.tensorboard.add_scalar(f"epoch/{key}", value, row["epoch"])
 
 
-def _progress(iterable, enabled: bool, description: str, leave: bool = True):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, leave=leave, dynamic_ncols=True)
-
-
-def _progress_safe_print(message: str) -> None:
-    """Print a line without breaking the progress bars."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        print(message)
-    else:
-        tqdm.write(message)
-
-
-def _tensorboard(path: Path, step: int):
-    """A TensorBoard writer when tensorboard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path), purge_step=step or None)
