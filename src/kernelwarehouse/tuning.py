@@ -70,3 +70,9 @@ LOOP_MIN_MACS = 1 << 23
 #: (EPYC-512: about half the time of the mix form in a ResNet18's last stage; on larger maps the
 #: convolution library's per-sample gradients win).
 SLICED_MAX_POSITIONS = 64
+
+# -- export ------------------------------------------------------------------------------------------
+
+#: Samples per step of the ``"loop"`` export form (:mod:`kernelwarehouse.export`): the loop runs
+#: chunks of this many samples through the ``"grouped"`` graph of that batch, the rest one at a time.
+EXPORT_LOOP_CHUNK = 8

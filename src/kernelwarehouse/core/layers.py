@@ -49,14 +49,18 @@ class KWLayer(nn.Module):
         self.warehouse = warehouse
         self.attention = KWAttention(plan)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
+        #: A scale per output channel applied to the assembled weights (a BatchNorm folded in by
+        #: :func:`kernelwarehouse.fuse_for_inference`), or None.
+        self.register_buffer("out_scale", None)
 
     #: The execution path (and backward form) this layer's last eager call ran, e.g. ``"loop:slices"``.
     last_path: str | None = None
 
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         if building_graph():  # no module state changes inside a traced or compiled graph
-            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry)
-        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias, self._geometry)
+            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale)
+        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias, self._geometry,
+                                                 scale=self.out_scale)
         return out
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
