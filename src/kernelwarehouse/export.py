@@ -61,23 +61,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     if form == "grouped" and dynamic_batch:
         raise ValueError("form 'grouped' fixes the batch size in the graph: pass dynamic_batch=False, "
                          "or take form 'loop' or 'unfold' for a free batch")
-    was_training = model.training
-    if fuse:
-        model = fuse_for_inference(copy.deepcopy(model))
-    model.eval()
+    original, was_training = model, model.training
+    model = fuse_for_inference(copy.deepcopy(model)) if fuse else model.eval()
     try:
         if form == "loop":
-            graph = _loop_graph(model, example_input, opset_version, dynamic_batch)
-            graph_path = str(path)
-            import onnx
-            onnx.save(graph, graph_path)
+            _loop_graph(model, example_input, opset_version, dynamic_batch, str(path))
         elif form == "grouped":
             with fixed_batch_export(example_input.shape[0]):
                 _torch_export(model, example_input, str(path), opset_version, False)
         else:
             _torch_export(model, example_input, str(path), opset_version, dynamic_batch)
     finally:
-        model.train(was_training)
+        original.train(was_training)
     return str(path)
 
 
@@ -100,9 +95,11 @@ def _fixed_batch_graph(model: nn.Module, example_input: torch.Tensor, batch: int
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: int, dynamic_batch: bool):
-    """The ``"loop"`` form: chunks of ``tuning.EXPORT_LOOP_CHUNK`` samples, then single samples, each
-    through a ``"grouped"`` graph inside an ONNX ``Loop``; the outputs concatenated."""
+def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: int, dynamic_batch: bool,
+                path: str) -> None:
+    """Write the ``"loop"`` form to ``path``: chunks of ``tuning.EXPORT_LOOP_CHUNK`` samples, then
+    single samples, each through a ``"grouped"`` graph inside an ONNX ``Loop``; the outputs
+    concatenated."""
     try:
         import onnx
         from onnx import TensorProto, helper
@@ -152,10 +149,10 @@ def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: in
         [helper.make_tensor_value_info(_INPUT, TensorProto.FLOAT, [batch_dim, *example_input.shape[1:]])],
         [helper.make_tensor_value_info(_OUTPUT, TensorProto.FLOAT, [batch_dim, *out_dims])],
         list(initializers.values()))
-    model = helper.make_model(main, opset_imports=list(graphs[0].opset_import),
+    proto = helper.make_model(main, opset_imports=list(graphs[0].opset_import),
                               producer_name=graphs[0].producer_name)
-    model.ir_version = graphs[0].ir_version
-    return model
+    proto.ir_version = graphs[0].ir_version
+    onnx.save(proto, path)
 
 
 def _merge_initializers(graphs) -> dict:

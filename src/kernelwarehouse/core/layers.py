@@ -128,7 +128,11 @@ class _KWConvNd(KWLayer):
         if x.dim() != self.dims + 2:
             raise ValueError(f"{type(self).__name__} expects a batched {self.dims + 2}-d input "
                              f"(B, C, ...), got shape {tuple(x.shape)}")
-        attention = self.mixture(x.flatten(2).mean(dim=-1))
+        if building_graph():  # flattening would copy the activation in onnxruntime (a Reshape)
+            pooled = x.mean(dim=tuple(range(2, x.dim())))
+        else:
+            pooled = x.flatten(2).mean(dim=-1)
+        attention = self.mixture(pooled)
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
