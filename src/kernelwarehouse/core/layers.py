@@ -49,8 +49,9 @@ class KWLayer(nn.Module):
         self.warehouse = warehouse
         self.attention = KWAttention(plan)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
-        #: A scale per output channel applied to the assembled weights (a BatchNorm folded in by
-        #: :func:`kernelwarehouse.fuse_for_inference`), or None.
+        #: A scale per output channel, applied before the bias (a BatchNorm folded in by
+        #: :func:`kernelwarehouse.fuse_for_inference`), or None; exported graphs fold it into the
+        #: assembled weights where that costs fewer multiplies.
         self.register_buffer("out_scale", None)
 
     #: The execution path (and backward form) this layer's last eager call ran, e.g. ``"loop:slices"``.
@@ -58,9 +59,10 @@ class KWLayer(nn.Module):
 
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         if building_graph():  # no module state changes inside a traced or compiled graph
-            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale)
-        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias, self._geometry,
-                                                 scale=self.out_scale)
+            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry,
+                           scale=self.out_scale)
+        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias,
+                                                 self._geometry, scale=self.out_scale)
         return out
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -280,9 +280,10 @@ def rule_choice(call: LayerCall) -> str:
 
     Under export or tracing ``conv`` for a linear layer and where the graph's batch is fixed
     (:func:`.per_sample.fixed_batch_export`), else ``unfold`` (a batch-free graph); compiled graphs
-    take ``unfold`` where the rule says ``grouped``. Otherwise :func:`choose_path`, and for ``loop`` in training the
-    backward form: by slices on maps of at most :data:`.tuning.SLICED_MAX_POSITIONS` positions
-    without groups, the mix form where that is cheap, else by sample."""
+    take ``unfold`` where the rule says ``grouped``. Otherwise :func:`choose_path`, and for ``loop``
+    in training the backward form: by slices on maps of at most
+    :data:`.tuning.SLICED_MAX_POSITIONS` positions without groups, the mix form where that is cheap,
+    else by sample."""
     if exporting():
         return "conv" if REGISTRY["conv"].supports(call) else "unfold"
     compiling = torch.compiler.is_compiling()

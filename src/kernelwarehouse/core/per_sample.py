@@ -125,7 +125,7 @@ def graph_shared(source: torch.Tensor, name: str,
                  build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``build(source)``, built once per fixed-batch export and reused by every layer that asks for
     it (a warehouse shared by several layers gets one transposed copy in the graph, not one each)."""
-    if _fixed_export is None:
+    if _fixed_export is None or not exporting():
         return build(source)
     key = (id(source), name)
     if key not in _fixed_export.shared:
