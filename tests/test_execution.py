@@ -150,7 +150,7 @@ def test_execution_path_setting():
     with execution_path("loop:slices"):
         assert get_execution_path() == "loop:slices"
     assert get_execution_path() == "auto"
-    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "mix", "loop", "patches", "triton"}
+    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "conv", "mix", "loop", "patches", "triton"}
     with pytest.raises(ValueError, match="execution path must be 'auto', one of"):
         set_execution_path("fast")
     with pytest.raises(ValueError, match="loop:slices"):

@@ -14,6 +14,10 @@ function along one of several *paths*, all equal up to float rounding. Each is o
 ``unfold``  (:mod:`.per_sample`)
     assembled weights applied as one batched matrix product over shifted input views: no
     ``groups = B`` and a graph whose batch size is free, which is what export and tracing need.
+``conv``  (:mod:`.paths`, :func:`.assembly.assemble_in_weight_order`; graphs only)
+    export with a fixed batch (:func:`.per_sample.fixed_batch_export`): the weights assembled by one
+    product straight into the weight's memory order, applied by a plain convolution at batch 1 or
+    one of ``groups = B``; ``kernelwarehouse.export_onnx`` builds its fast forms on it.
 ``mix``  (:mod:`.mix`; layers it does not apply to take ``grouped``)
     never assembles: the input patches are first mixed with the mixture weights, then multiplied by
     the whole warehouse at once, ``out = sum_j E_j (sum_s a_sj x_s)``. More multiply-adds, but one
@@ -35,7 +39,8 @@ function along one of several *paths*, all equal up to float rounding. Each is o
 ``auto`` (the default) is resolved per call by :func:`.paths.resolve`: measured on this machine
 the first time a layer geometry is seen (:mod:`.choice`), or by the fixed rule
 (:func:`.paths.rule_choice`) with ``KERNELWAREHOUSE_PATH_CHOICE=rule`` and whenever a graph is
-traced, exported or compiled (``unfold`` there, so the graph serves every batch size).
+traced, exported or compiled (``unfold`` there, so the graph serves every batch size, or ``conv``
+where an export fixes the batch).
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ import torch
 from .assembly import assemble_weights, split_into_cells
 from .choice import get_path_choice, measured
 from .paths import (REGISTRY, LayerCall, candidates, check_choice, choose_path, fall_back, rule_choice,
-                    run_choice)
+                    run_choice, scale_and_shift, split_choice)
 from .per_sample import ConvGeometry, add_bias, conv_per_sample, linear_per_sample
 
 __all__ = ["PATHS", "ConvGeometry", "assemble_weights", "choose_path", "conv_per_sample", "execution_path",
@@ -121,18 +126,29 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
 
 
 def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
-            geo: ConvGeometry, path: str | None = None) -> torch.Tensor:
+            geo: ConvGeometry, path: str | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """A KernelWarehouse convolution (or linear, ``geo.dims == 0``) along ``path`` (default: the
-    global setting, see :func:`set_execution_path`). All paths compute the same function."""
-    return kw_conv_and_choice(x, mixture, cells, bias, geo, path)[0]
+    global setting, see :func:`set_execution_path`). All paths compute the same function. ``scale``
+    (C_out,) multiplies each output channel before the bias is added: a BatchNorm folded into the
+    layer (:func:`kernelwarehouse.fuse_for_inference`)."""
+    return kw_conv_and_choice(x, mixture, cells, bias, geo, path, scale)[0]
 
 
 def kw_conv_and_choice(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
-                       geo: ConvGeometry, path: str | None = None) -> tuple[torch.Tensor, str]:
-    """:func:`kw_conv` and the choice it ran (see :func:`resolve_path`), resolved once."""
+                       geo: ConvGeometry, path: str | None = None,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`kw_conv` and the choice it ran (see :func:`resolve_path`), resolved once.
+
+    A path that ``folds_epilogue`` (the export path ``conv``, graphs only) applies the scale and
+    the bias itself; after any other they are applied to the output, in one pass."""
     call = LayerCall.of(x, mixture, cells, geo)
     choice = _resolve(call, x, mixture, cells, geo, path or _path)
+    path_ = REGISTRY[split_choice(choice)[0]]
+    if path_.folds_epilogue:  # graphs only: no backward form, no native kernels
+        return path_.forward(x, mixture, cells, geo, "", False, scale=scale, bias=bias), choice
     out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
+    if scale is not None:
+        return scale_and_shift(out, scale, bias, geo.dims), choice
     if not geo.dims:
         return (out if bias is None else out + bias.to(out.dtype)), choice
     return add_bias(out, bias), choice

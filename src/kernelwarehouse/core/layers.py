@@ -49,14 +49,20 @@ class KWLayer(nn.Module):
         self.warehouse = warehouse
         self.attention = KWAttention(plan)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if bias else None
+        #: A scale per output channel, applied before the bias (a BatchNorm folded in by
+        #: :func:`kernelwarehouse.fuse_for_inference`), or None; exported graphs fold it into the
+        #: assembled weights where that costs fewer multiplies.
+        self.register_buffer("out_scale", None)
 
     #: The execution path (and backward form) this layer's last eager call ran, e.g. ``"loop:slices"``.
     last_path: str | None = None
 
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         if building_graph():  # no module state changes inside a traced or compiled graph
-            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry)
-        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias, self._geometry)
+            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry,
+                           scale=self.out_scale)
+        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias,
+                                                 self._geometry, scale=self.out_scale)
         return out
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -126,7 +132,11 @@ class _KWConvNd(KWLayer):
             raise ValueError(f"{type(self).__name__}({self.in_channels}, {self.out_channels}, ...) expects a batched "
                              f"{self.dims + 2}-d input ({expected}) with {self.in_channels} channels, got shape "
                              f"{tuple(x.shape)}")
-        attention = self.mixture(x.flatten(2).mean(dim=-1))
+        if building_graph():  # flattening would copy the activation in onnxruntime (a Reshape)
+            pooled = x.mean(dim=tuple(range(2, x.dim())))
+        else:
+            pooled = x.flatten(2).mean(dim=-1)
+        attention = self.mixture(pooled)
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)

@@ -19,10 +19,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import native, tuning
-from .assembly import assemble_weights
+from .assembly import assemble_in_weight_order, assemble_weights, cells_by_rows
 from .loop import loop_conv
 from .mix import mix_conv, mix_is_cheap, mix_supported
-from .per_sample import ConvGeometry, building_graph, exporting
+from .per_sample import (CONV, ConvGeometry, add_bias, building_graph, exporting, fixed_graph_batch,
+                         graph_shared, grouped_conv, linear_per_sample)
 from .recompute import LOOP_BACKWARDS, RecomputedWeights, apply_weights
 
 
@@ -83,13 +84,17 @@ Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ConvGeometry, str,
 class ExecutionPath:
     """One way to run a KernelWarehouse convolution. ``forward(x, mixture, cells, geo, backward,
     lean)`` returns the output without bias; ``lean`` asks for a backward that keeps little
-    (training outside graph building), ``backward`` is one of ``backwards`` or ``""``."""
+    (training outside graph building), ``backward`` is one of ``backwards`` or ``""``. A path that
+    ``folds_epilogue`` takes ``scale=`` and ``bias=`` as well (per output channel, each may be None)
+    and returns the output with both applied (``conv``: the scale in the assembled weights where that
+    is cheaper); after other paths :func:`.execution.kw_conv` applies them to the output."""
 
     name: str
     summary: str
     supports: Callable[[LayerCall], bool]
     forward: Forward
     backwards: tuple[str, ...] = ()
+    folds_epilogue: bool = False
 
     def backward_supported(self, form: str, call: LayerCall) -> bool:
         if not self.backwards:
@@ -149,6 +154,35 @@ def triton_supported(call: LayerCall) -> bool:
             and call.geo.weight_shape[1] > 1 and triton_available())
 
 
+def _conv_graph(x, mixture, cells, geo, backward, lean, scale=None, bias=None):
+    """The ``conv`` path: graphs only, so no backward and no native kernels. The scale goes where
+    it costs fewer multiplies: into the weight (|W| per sample) or onto the output (C_out L)."""
+    by_row = graph_shared(cells, "cells_by_rows", cells_by_rows) if geo.grid[0] > 1 else None
+    weight = assemble_in_weight_order(mixture, cells, geo.grid, geo.weight_shape, by_row)
+    positions = LayerCall.of(x, mixture, cells, geo).out_size
+    if scale is not None and math.prod(geo.weight_shape[1:]) <= positions:
+        weight = weight * scale.to(weight.dtype).reshape(1, -1, *([1] * (weight.dim() - 2)))
+        scale = None
+    inner = None if bias is None or scale is not None else bias.to(weight.dtype)  # the bias inside
+    if not geo.dims:
+        out = linear_per_sample(x, weight.flatten(2), inner)
+    elif fixed_graph_batch() == 1:  # a plain convolution
+        out = CONV[geo.dims](x, weight.reshape(geo.weight_shape), inner, geo.stride, geo.padding,
+                             geo.dilation, geo.groups)
+    else:
+        out = add_bias(grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups), inner)
+    return out if scale is None else scale_and_shift(out, scale, bias, geo.dims)
+
+
+def scale_and_shift(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    dims: int) -> torch.Tensor:
+    """``out * scale + bias`` per output channel (on axis 1, or the last for ``dims == 0``), one pass."""
+    shape = (-1,) if not dims else (1, -1, *([1] * dims))
+    scale = scale.to(out.dtype).reshape(shape)
+    bias = torch.zeros_like(scale) if bias is None else bias.to(out.dtype).reshape(shape)
+    return torch.addcmul(bias, out, scale)
+
+
 REGISTRY: dict[str, ExecutionPath] = {}
 
 
@@ -169,6 +203,12 @@ register(ExecutionPath(
 register(ExecutionPath(
     "unfold", "assembled weights applied as one batched matrix product over shifted input views; the "
     "batch stays free (export, tracing)", lambda call: True, _assembled("unfold")))
+register(ExecutionPath(
+    "conv", "export of a fixed batch: weights assembled by one product in the weight's memory order, "
+    "applied by a plain (batch 1) or grouped convolution; a scale per output channel (a folded "
+    "BatchNorm) goes into the weights, the bias into the convolution",
+    lambda call: call.graph and (not call.geo.dims or fixed_graph_batch() is not None), _conv_graph,
+    folds_epilogue=True))
 register(ExecutionPath(
     "mix", "no assembly: input patches mixed by the mixture weights, then one product with the whole "
     "warehouse (groups 1, cells of kernel size 1)", lambda call: mix_supported(call.geo, call.cells_shape), _mix))
@@ -265,12 +305,14 @@ def rule_choice(call: LayerCall) -> str:
     """The fixed rule: the choice ``auto`` makes with ``KERNELWAREHOUSE_PATH_CHOICE=rule`` and while a
     graph is built; deterministic, from shapes only (its thresholds: :mod:`kernelwarehouse.tuning`).
 
-    Under export or tracing ``unfold`` (a batch-free graph); compiled graphs take ``unfold`` where
-    the rule says ``grouped``. Otherwise :func:`choose_path`, and for ``loop`` in training the
-    backward form: by slices on maps of at most :data:`.tuning.SLICED_MAX_POSITIONS` positions
-    without groups, the mix form where that is cheap, else by sample."""
+    Under export or tracing ``conv`` for a linear layer and where the graph's batch is fixed
+    (:func:`.per_sample.fixed_batch_export`), else ``unfold`` (a batch-free graph); compiled graphs
+    take ``unfold`` where the rule says ``grouped``. Otherwise :func:`choose_path`, and for ``loop``
+    in training the backward form: by slices on maps of at most
+    :data:`.tuning.SLICED_MAX_POSITIONS` positions without groups, the mix form where that is cheap,
+    else by sample."""
     if exporting():
-        return "unfold"
+        return "conv" if REGISTRY["conv"].supports(call) else "unfold"
     compiling = torch.compiler.is_compiling()
     device_type = call.device.split(":", 1)[0]
     path = choose_path(call.geo, call.cells_shape, call.batch, call.out_size, device_type)

@@ -3,9 +3,10 @@ convolution or one batched matrix product over shifted input views, and the grad
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,49 @@ def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def exporting() -> bool:
     """Whether a graph is being traced, scripted or exported (its batch size must stay free)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+class _FixedBatchExport:
+    """The export in progress of a graph with a fixed batch size (see :func:`fixed_batch_export`)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.shared: dict[tuple[int, str], torch.Tensor] = {}  # graph values built once per export
+
+
+_fixed_export: _FixedBatchExport | None = None
+
+
+@contextlib.contextmanager
+def fixed_batch_export(batch: int) -> Iterator[None]:
+    """While exporting or tracing inside this context, the graph is built for batches of ``batch``
+    samples only: per-sample weights may be applied by a plain (``batch == 1``) or grouped
+    convolution, whose ``groups`` is fixed in the graph."""
+    global _fixed_export
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"a fixed export batch must be a positive int, got {batch!r}")
+    previous, _fixed_export = _fixed_export, _FixedBatchExport(batch)
+    try:
+        yield
+    finally:
+        _fixed_export = previous
+
+
+def fixed_graph_batch() -> int | None:
+    """The batch size of the graph being exported, or None when it is free (or nothing is exported)."""
+    return _fixed_export.batch if _fixed_export is not None and exporting() else None
+
+
+def graph_shared(source: torch.Tensor, name: str,
+                 build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``build(source)``, built once per fixed-batch export and reused by every layer that asks for
+    it (a warehouse shared by several layers gets one transposed copy in the graph, not one each)."""
+    if _fixed_export is None or not exporting():
+        return build(source)
+    key = (id(source), name)
+    if key not in _fixed_export.shared:
+        _fixed_export.shared[key] = build(source)
+    return _fixed_export.shared[key]
 
 
 def building_graph() -> bool:
