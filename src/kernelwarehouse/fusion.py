@@ -94,9 +94,17 @@ def _fold_into_kw(layer: _KWConvNd, bn: _BatchNorm) -> None:
         layer.bias = nn.Parameter((bias * scale + shift).detach().clone(), requires_grad=False)
 
 
+def _after_norm(bn: nn.Module) -> nn.Module:
+    """What stays of a folded BatchNorm: nothing, or what a norm-and-activation layer (timm's
+    ``BatchNormAct2d``: dropout, then activation) applies after normalising."""
+    rest = list(bn.children())
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """Fold every BatchNorm that directly follows a convolution (static or KernelWarehouse) into it,
-    in place, replacing the BatchNorm by ``nn.Identity``; returns ``model``, in eval mode. The
+    in place, replacing the BatchNorm by ``nn.Identity`` (or by the activation of a norm-and-activation
+    layer); returns ``model``, in eval mode. The
     attention branches' BatchNorms fold into their first linear layers.
 
     A pair is folded where the BatchNorm's only input is the convolution's output and that output
@@ -116,7 +124,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             _fold_into_kw(conv, bn)
         else:
             _set(model, conv_name, fuse_conv_bn_eval(conv, bn))
-        _set(model, bn_name, nn.Identity())
+        _set(model, bn_name, _after_norm(bn))
     for attention in [m for m in model.modules() if isinstance(m, KWAttention)]:
         if isinstance(attention.norm, nn.BatchNorm1d) and attention.norm.running_mean is not None:
             attention.fc1 = fuse_linear_bn_eval(attention.fc1, attention.norm)
