@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..probe import probe_run
 from .candidates import CONVS, layer_kind
 
 SHARING = ("stage", "kind", "layer", "model")
@@ -62,18 +63,8 @@ def _probe(model: nn.Module, candidates: dict[str, nn.Module], example_input
             shape = tuple(output.shape)
             resolution[name] = shape[1:-1] if isinstance(module, nn.Linear) else shape[2:]
 
-    handles = [m.register_forward_hook(lambda mod, _, out, name=n: hook(name, mod, out))
-               for n, m in candidates.items()]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    probe_run(model, [(m, lambda mod, _, out, name=n: hook(name, mod, out)) for n, m in candidates.items()],
+              example_input)
     return list(resolution), resolution
 
 
