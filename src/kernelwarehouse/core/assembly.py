@@ -11,9 +11,10 @@ from typing import Sequence
 import torch
 
 from .. import native
+from .plan import CellGrid
 
 
-def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
+def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: CellGrid,
                      weight_shape: Sequence[int]) -> torch.Tensor:
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
     batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
@@ -31,7 +32,7 @@ def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequenc
 
 
 
-def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
+def split_into_cells(weight: torch.Tensor, grid: CellGrid, cell_shape: Sequence[int]) -> torch.Tensor:
     """The inverse of assembly: (*weight_shape) -> (m, *cell_shape), or with a leading batch
     dimension (B, *weight_shape) -> (B, m, *cell_shape)."""
     dims = len(cell_shape) - 2

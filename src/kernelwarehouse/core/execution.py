@@ -122,7 +122,7 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
 
 def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
             geo: ConvGeometry, path: str | None = None) -> torch.Tensor:
-    """A KernelWarehouse convolution (or linear, ``geo.dims == 0``) along ``path`` (default: the
+    """A KernelWarehouse convolution (or linear, ``geo.linear``) along ``path`` (default: the
     global setting, see :func:`set_execution_path`). All paths compute the same function."""
     return kw_conv_and_choice(x, mixture, cells, bias, geo, path)[0]
 
@@ -133,6 +133,6 @@ def kw_conv_and_choice(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tens
     call = LayerCall.of(x, mixture, cells, geo)
     choice = _resolve(call, x, mixture, cells, geo, path or _path)
     out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
-    if not geo.dims:
+    if geo.linear:
         return (out if bias is None else out + bias.to(out.dtype)), choice
     return add_bias(out, bias), choice

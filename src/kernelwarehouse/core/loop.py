@@ -23,7 +23,7 @@ def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """(c, spatial * input block, c_in * k) products of mixture rows and cells -> (c, I/groups, *k)
     weights of c output channels, channels-last for spatially split cells, without a copy."""
     channels, c_in = products.shape[0], geo.weight_shape[1]
-    if geo.grid[0] == 1:
+    if geo.grid.spatial == 1:
         return products.reshape(channels, *geo.weight_shape[1:])
     return products.reshape(channels, *geo.weight_shape[2:], c_in).movedim(-1, 1)
 
@@ -87,9 +87,9 @@ def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
         return _patches_conv(x, attention, cells_by_output(cells), geo)
     by_output, conv, batch = cells_by_output(cells), CONV[geo.dims], x.shape[0]
     channels = by_output.shape[0]
-    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    per_channel = geo.grid.spatial * geo.grid.in_blocks * by_output.shape[2]
     step = _slice_channels(channels, per_channel, geo)
-    if geo.groups > 1 or geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
+    if geo.groups > 1 or geo.grid.out_blocks * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
         # the whole weight at once: one convolution per sample, each weight built in the same buffer
         buffer = _weight_buffer(_sample_rows(attention[0], geo), by_output)
         outs = [conv(x[b:b + 1], _sample_weight(attention[b], by_output, geo, buffer), None, geo.stride,
@@ -98,7 +98,7 @@ def loop_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo
     rows = [_sample_rows(attention[b], geo) for b in range(batch)]
     buffer = _weight_buffer(rows[0][:1], by_output[:step])
     slices = []
-    for block in range(geo.grid[1]):
+    for block in range(geo.grid.out_blocks):
         for start in range(0, channels, step):
             part = by_output[start:start + step]
             weight = None if buffer is None else buffer[:part.shape[0]]
@@ -114,12 +114,12 @@ def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tenso
     new weight into the convolution library's blocked layout (which halves its speed on small maps),
     and the inner dimension is the whole patch (k * c_in). Needs ``groups = 1``."""
     batch, channels = x.shape[0], by_output.shape[0]
-    per_channel = geo.grid[0] * geo.grid[2] * by_output.shape[2]
+    per_channel = geo.grid.spatial * geo.grid.in_blocks * by_output.shape[2]
     step = _slice_channels(channels, per_channel, geo)
-    kernel_first = geo.grid[0] > 1
+    kernel_first = geo.grid.spatial > 1
     rows = [_sample_rows(mixture[b], geo) for b in range(batch)]
     buffer = _weight_buffer(rows[0][:1], by_output[:step])
-    slices = [(block, start) for block in range(geo.grid[1]) for start in range(0, channels, step)]
+    slices = [(block, start) for block in range(geo.grid.out_blocks) for start in range(0, channels, step)]
 
     def apply(sample: int, block: int, start: int, cols: torch.Tensor) -> torch.Tensor:
         part = by_output[start:start + step]
@@ -127,7 +127,7 @@ def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tenso
         return torch.mm(weight.reshape(part.shape[0], -1), cols.t())
 
     outs: dict[tuple[int, int, int], torch.Tensor] = {}
-    if geo.grid[1] * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
+    if geo.grid.out_blocks * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
         for b in range(batch):  # one sample's patches at a time, its whole weight applied to them
             cols, size = patches(x[b:b + 1], geo, kernel_first)
             for block, start in slices:
@@ -172,7 +172,7 @@ def loop_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor,
 def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: torch.Tensor) -> torch.Tensor:
     """One sample's weight gradient, ``dY (c_out, L) @ patches (L, k * c_in)``, built in ``out`` in
     the order of :func:`_sample_weight`'s weight and returned as a (c_out, c_in, *k) view of it."""
-    cols, _ = patches(x, geo, kernel_first=geo.grid[0] > 1)
+    cols, _ = patches(x, geo, kernel_first=geo.grid.spatial > 1)
     channels = grad.shape[0]
     mix_rows(grad.reshape(channels, -1), cols, out=out.view(1, channels, -1))
     return _as_weight(out, geo)

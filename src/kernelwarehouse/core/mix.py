@@ -55,7 +55,7 @@ def mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo:
         out = out.reshape(features.shape[0], math.prod(size), weight.shape[0]).transpose(1, 2)
     else:
         out = F.conv2d(features, weight)
-    return out.reshape(x.shape[0], geo.grid[1] * weight.shape[0], *size)
+    return out.reshape(x.shape[0], geo.grid.out_blocks * weight.shape[0], *size)
 
 
 
@@ -68,7 +68,7 @@ def mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, 
     cells' gradient."""
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
-    per_sample = geo.grid[1] * math.prod(grad.shape[2:]) * weight.shape[1]
+    per_sample = geo.grid.out_blocks * math.prod(grad.shape[2:]) * weight.shape[1]
     for part in batch_chunks(x.shape[0], per_sample):
         with torch.enable_grad():
             mixture = attention[part].detach().requires_grad_()
@@ -102,4 +102,4 @@ def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int,
 def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
     """Whether the ``mix`` path applies to a warehouse of ``cells_shape`` (n, c_out, c_in, *k_cell):
     a convolution with groups 1 and cells of kernel size 1."""
-    return geo.dims > 0 and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])
+    return not geo.linear and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])

@@ -59,7 +59,7 @@ class LayerCall(NamedTuple):
     def out_size(self) -> int:
         """Output positions L per sample (tokens for a linear layer)."""
         geo = self.geo
-        if not geo.dims:
+        if geo.linear:
             return math.prod(self.input_shape[1:-1])
         k = geo.weight_shape[2:]
         size = self.input_shape[2:]
@@ -174,10 +174,10 @@ register(ExecutionPath(
     "warehouse (groups 1, cells of kernel size 1)", lambda call: mix_supported(call.geo, call.cells_shape), _mix))
 register(ExecutionPath(
     "loop", "one sample at a time, its weight assembled in cache and applied by a plain convolution "
-    "(eager mode)", lambda call: call.geo.dims > 0 and not call.graph, _one_by_one("loop"), LOOP_BACKWARDS))
+    "(eager mode)", lambda call: not call.geo.linear and not call.graph, _one_by_one("loop"), LOOP_BACKWARDS))
 register(ExecutionPath(
     "patches", "as loop, each weight applied as one matrix product with the sample's input patches "
-    "(eager mode, groups 1)", lambda call: call.geo.dims > 0 and call.geo.groups == 1 and not call.graph,
+    "(eager mode, groups 1)", lambda call: not call.geo.linear and call.geo.groups == 1 and not call.graph,
     _one_by_one("patches"), LOOP_BACKWARDS))
 register(ExecutionPath(
     "triton", "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
@@ -223,7 +223,7 @@ def candidates(call: LayerCall) -> list[str]:
             continue
         if call.grad and _workspace(path.name, call) > tuning.CHUNK_ELEMENTS:
             continue
-        if path.name == "unfold" and not call.geo.dims:
+        if path.name == "unfold" and call.geo.linear:
             continue
         if path.name == "mix" and not mix_is_cheap(call.geo, call.cells_shape, call.out_size,
                                                    tuning.MIX_PRUNE_ADVANTAGE):
@@ -274,7 +274,7 @@ def rule_choice(call: LayerCall) -> str:
     compiling = torch.compiler.is_compiling()
     device_type = call.device.split(":", 1)[0]
     path = choose_path(call.geo, call.cells_shape, call.batch, call.out_size, device_type)
-    if path == "grouped" and call.geo.dims and compiling:
+    if path == "grouped" and not call.geo.linear and compiling:
         return "unfold"
     if path == "loop" and call.grad:
         return f"loop:{loop_backward_rule(call)}"
@@ -301,7 +301,7 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     a time (``loop``). Depthwise layers and small ones, and every layer off CPU, take ``mix`` where
     the map is small against the warehouse and ``grouped`` otherwise.
     """
-    if not geo.dims:
+    if geo.linear:
         return "grouped"
     compiling = torch.compiler.is_compiling()
     several = compiling or batch > 1  # compiled graphs serve every batch size
