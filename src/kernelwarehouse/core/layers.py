@@ -145,11 +145,11 @@ class _KWConvNd(KWLayer):
             raise ValueError(f"{type(self).__name__}({self.in_channels}, {self.out_channels}, ...) expects a batched "
                              f"{self.dims + 2}-d input ({expected}) with {self.in_channels} channels, got shape "
                              f"{tuple(x.shape)}")
-        attention = self.mixture(x.flatten(2).mean(dim=-1))
+        mixture = self.mixture(x.flatten(2).mean(dim=-1))
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        return self._convolve(x, attention)
+        return self._convolve(x, mixture)
 
     def extra_repr(self) -> str:
         return f"{conv_repr(self)}, bias={self.bias is not None}, {self._kw_repr()}"
@@ -194,8 +194,8 @@ class KWLinear(KWLayer):
         unbatched = x.dim() == 1
         count = math.prod(x.shape[1:-1])  # tokens per sample, explicit so a free batch needs no guard
         tokens = x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
-        attention = self.mixture(tokens.mean(dim=1))
-        out = self._convolve(tokens, attention)
+        mixture = self.mixture(tokens.mean(dim=1))
+        out = self._convolve(tokens, mixture)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
