@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 
 import kernelwarehouse as kw
-from kernelwarehouse.core.plan import ZERO_CELL, LayerSpec, assign_slots, fuse_name, plan_warehouses
+from kernelwarehouse.core.plan import ZERO_CELL, CellGrid, LayerSpec, assign_slots, fuse_name, plan_warehouses
 from reference_impl import conv_layer_by_loops
 
 
@@ -145,3 +147,20 @@ def test_nonlocal_basis_layers_match_loops():
     x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
     for layer in (model.a, model.b):
         torch.testing.assert_close(layer(x), conv_layer_by_loops(layer, x))
+
+
+def test_cell_grid_names_its_parts_and_keeps_the_tuple_text():
+    spec = LayerSpec("conv", "conv", 64, 128, (3, 3))
+    layer = plan_warehouses([spec], cell_inplane_ratio=0.5, cell_outplane_ratio=0.25).layers[0]
+    assert isinstance(layer.grid, CellGrid)
+    assert (layer.grid.spatial, layer.grid.out_blocks, layer.grid.in_blocks) == (9, 4, 2)  # 1x1 cells
+    assert layer.num_cells == 72 and str(layer.grid) == "(9, 4, 2)"  # path-choice keys are written with it
+    rebuilt = dataclasses.replace(layer, grid=(3, 2, 1))             # a plain tuple gets the names
+    assert isinstance(rebuilt.grid, CellGrid) and rebuilt.grid.out_blocks == 2 and rebuilt.num_cells == 6
+
+
+def test_conv_geometry_tells_a_linear_layer_from_a_convolution():
+    linear = kw.KWLinear(16, 32)._geometry
+    conv = kw.KWConv1d(16, 32, 1)._geometry
+    assert linear.linear and linear.dims == 0
+    assert not conv.linear and conv.dims == 1 and conv.grid == linear.grid

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..core.execution import conv_per_sample
+from ..core.layers import checked_padding, conv_repr
 
 
 def attention_width(in_channels: int, reduction: float, min_hidden: int) -> int:
@@ -42,13 +43,9 @@ class MixtureConv2d(nn.Module):
                              f"divisible by groups ({groups})")
         if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
             raise ValueError(f"the number of kernels must be an int >= 1, got {num_kernels!r}")
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        if padding == "same" and self.stride != (1, 1):
-            raise ValueError("padding='same' is not supported for strided convolutions")
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = checked_padding(padding, self.stride)
         self.num_kernels = num_kernels
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(num_kernels, *self.weight_shape))
@@ -83,10 +80,4 @@ class MixtureConv2d(nn.Module):
         return (self.num_kernels * math.prod(self.weight_shape) if self.num_kernels > 1 else 0), 0
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s + f", kernels={self.num_kernels}"
+        return f"{conv_repr(self)}, kernels={self.num_kernels}"

@@ -8,7 +8,7 @@ Each model takes ``kernel_num``, the number of kernels K of every dynamic layer 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch.nn as nn
 
@@ -50,6 +50,21 @@ def build_baseline(model: nn.Module, paths: Iterable[str], method: str, kernel_n
     if missing:
         raise KeyError(f"model has no module(s) {missing}")
     return replace_modules(model, {p: dynamic_like(modules[p], method, kernel_num, **options) for p in paths})
+
+
+def convert_to_baseline(model: nn.Module, originals: Mapping[str, nn.Module], method: str, kernel_num: int,
+                        warm_start: bool = False) -> nn.Module:
+    """``kw.convert(model, method=...)``: put ``method`` layers with ``kernel_num`` kernels on the Conv2d
+    layers among ``originals`` (the static layers KernelWarehouse would take, by module path), in place."""
+    if method not in METHODS:
+        raise ValueError(f"method must be 'kw' or one of {sorted(METHODS)}, got {method!r}")
+    if warm_start:
+        raise ValueError(f"warm_start is for method='kw'; {method} layers start from their own init")
+    paths = [name for name in originals if type(originals[name]) is nn.Conv2d]
+    if not paths:
+        raise ValueError(f"no Conv2d layer to convert to {method} "
+                         f"(the selected layers are {list(originals)})")
+    return build_baseline(model, paths, method, kernel_num)
 
 
 def resnet_dynamic_paths(model: nn.Module) -> list[str]:

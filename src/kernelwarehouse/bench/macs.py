@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..core.layers import KWLayer
+from ..probe import probe_run
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -86,19 +87,10 @@ def count_macs(model: nn.Module, example: Sequence[int] | torch.Tensor) -> MacCo
         key = "attention" if id(module) in inside_attention else "layers"
         counts[key] += out.numel() // batch * math.prod(weight_shape[1:])
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear,) + _CONVS) or m in dynamic]
     parameter = next(model.parameters(), None)
     x = torch.zeros((1, *shape),
                     device=parameter.device if parameter is not None else None,
                     dtype=parameter.dtype if parameter is not None else None)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    counted = [m for m in model.modules() if isinstance(m, (nn.Linear,) + _CONVS) or m in dynamic]
+    probe_run(model, [(m, hook) for m in counted], x)
     return MacCount(**counts)

@@ -34,8 +34,10 @@ def parse_run(text: str) -> tuple[str, str | None]:
     """``kw_resnet18@1/2`` -> ("kw_resnet18", "1/2"); a name alone is a static or default-budget model."""
     name, _, budget = text.partition("@")
     entry = model_entry(name)
-    if budget and not entry.dynamic:
-        raise CommandError(f"--runs {text!r}: {name} is a static model and takes no budget")
+    try:
+        entry.check_budget(budget or None)
+    except ValueError as error:
+        raise CommandError(f"--runs {text!r}: {error}") from None
     return name, str(parse_budget(budget)) if budget else None
 
 

@@ -68,8 +68,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     if "model" not in values:
         raise CommandError("--model is required (or --resume a checkpoint)")
     entry = model_entry(values["model"])
-    if values.get("budget") is not None and not entry.dynamic:
-        raise CommandError(f"{entry.name} is a static model and takes no --budget (KernelWarehouse versions: kw_*)")
+    try:
+        entry.check_budget(values.get("budget"))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if "output" not in values:
         budget = values.get("budget")
         suffix = f"-{format_budget(parse_budget(budget))}" if budget is not None else ""

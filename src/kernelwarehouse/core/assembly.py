@@ -12,27 +12,28 @@ from typing import Sequence
 import torch
 
 from .. import native
+from .plan import CellGrid
 
 
-def assemble_weights(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
+def assemble_weights(mixture: torch.Tensor, cells: torch.Tensor, grid: CellGrid,
                      weight_shape: Sequence[int]) -> torch.Tensor:
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
-    batch, num, c_out, dims = attention.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
+    batch, num, c_out, dims = mixture.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
     kernel = range(6, 6 + dims)
     if torch.compiler.is_compiling():  # the compiler cannot batch the shared rows over a free batch
-        mixed = torch.matmul(attention.reshape(-1, num), cells.reshape(num, -1))
+        mixed = torch.matmul(mixture.reshape(-1, num), cells.reshape(num, -1))
         mixed = mixed.reshape(batch, *grid, *cells.shape[1:])
         # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
         return mixed.permute(0, 2, 4, 3, 5, 1, *kernel).reshape(batch, *weight_shape)
     # one product per output channel of the cells, which is how the warehouse is stored
-    mixed = mix_rows(attention.reshape(-1, num), cells_by_output(cells))
+    mixed = mix_rows(mixture.reshape(-1, num), cells_by_output(cells))
     mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
     # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
     return mixed.permute(1, 3, 0, 4, 5, 2, *kernel).reshape(batch, *weight_shape)
 
 
 
-def split_into_cells(weight: torch.Tensor, grid: Sequence[int], cell_shape: Sequence[int]) -> torch.Tensor:
+def split_into_cells(weight: torch.Tensor, grid: CellGrid, cell_shape: Sequence[int]) -> torch.Tensor:
     """The inverse of assembly: (*weight_shape) -> (m, *cell_shape), or with a leading batch
     dimension (B, *weight_shape) -> (B, m, *cell_shape)."""
     dims = len(cell_shape) - 2

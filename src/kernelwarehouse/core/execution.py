@@ -127,7 +127,7 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
 
 def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
             geo: ConvGeometry, path: str | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """A KernelWarehouse convolution (or linear, ``geo.dims == 0``) along ``path`` (default: the
+    """A KernelWarehouse convolution (or linear, ``geo.linear``) along ``path`` (default: the
     global setting, see :func:`set_execution_path`). All paths compute the same function. ``scale``
     (C_out,) multiplies each output channel before the bias is added: a BatchNorm folded into the
     layer (:func:`kernelwarehouse.fuse_for_inference`)."""
@@ -149,6 +149,6 @@ def kw_conv_and_choice(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tens
     out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
     if scale is not None:
         return scale_and_shift(out, scale, bias, geo.dims), choice
-    if not geo.dims:
+    if geo.linear:
         return (out if bias is None else out + bias.to(out.dtype)), choice
     return add_bias(out, bias), choice

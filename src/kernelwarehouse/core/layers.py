@@ -23,6 +23,32 @@ from .warehouse import Warehouse
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def checked_padding(padding: int | Sequence[int] | str, stride: tuple[int, ...]) -> tuple[int, ...] | str:
+    """A convolution's padding, checked: ``"same"`` (unstrided only), ``"valid"``, or one amount per
+    spatial dimension (``len(stride)`` of them) from an int or a sequence."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        return padding
+    return tuple(_ntuple(len(stride))(padding))
+
+
+def conv_repr(layer: nn.Module) -> str:
+    """The ``extra_repr`` head of a convolution as ``nn.Conv`` writes it: channels, kernel, stride,
+    padding, and dilation, groups and padding mode where they are not the defaults."""
+    s = (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+         f"stride={layer.stride}, padding={layer.padding}")
+    if any(d != 1 for d in layer.dilation):
+        s += f", dilation={layer.dilation}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        s += f", padding_mode={layer.padding_mode!r}"
+    return s
+
+
 class KWLayer(nn.Module):
     """What every KernelWarehouse layer has: a plan, a warehouse, an attention branch, a bias."""
 
@@ -95,14 +121,7 @@ class _KWConvNd(KWLayer):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-            self.padding = padding
-        else:
-            self.padding = tuple(ntuple(padding))
+        self.padding = checked_padding(padding, self.stride)
         pads = self._explicit_padding()
         symmetric = all(left == right for left, right in zip(pads[::2], pads[1::2]))
         # a symmetric zero padding goes to the convolution; any other is applied to the input first
@@ -136,22 +155,14 @@ class _KWConvNd(KWLayer):
             pooled = x.mean(dim=tuple(range(2, x.dim())))
         else:
             pooled = x.flatten(2).mean(dim=-1)
-        attention = self.mixture(pooled)
+        mixture = self.mixture(pooled)
         if self._pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        return self._convolve(x, attention)
+        return self._convolve(x, mixture)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if any(d != 1 for d in self.dilation):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return f"{s}, bias={self.bias is not None}, {self._kw_repr()}"
+        return f"{conv_repr(self)}, bias={self.bias is not None}, {self._kw_repr()}"
 
 
 class KWConv1d(_KWConvNd):
@@ -193,8 +204,8 @@ class KWLinear(KWLayer):
         unbatched = x.dim() == 1
         count = math.prod(x.shape[1:-1])  # tokens per sample, explicit so a free batch needs no guard
         tokens = x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
-        attention = self.mixture(tokens.mean(dim=1))
-        out = self._convolve(tokens, attention)
+        mixture = self.mixture(tokens.mean(dim=1))
+        out = self._convolve(tokens, mixture)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

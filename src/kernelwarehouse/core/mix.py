@@ -1,5 +1,5 @@
 """The ``mix`` execution path: ``out_b = sum_j E_j (sum_s a_bsj x_b,s)``, the input mixed by the
-attention and then multiplied by the whole warehouse at once; no weight is ever assembled.
+mixture weights and then multiplied by the whole warehouse at once; no weight is ever assembled.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from .. import tuning
 from .per_sample import ConvGeometry, batch_chunks, shifted_views
 
 
-def _mix_features(x: torch.Tensor, attention: torch.Tensor, geo: ConvGeometry,
+def _mix_features(x: torch.Tensor, mixture: torch.Tensor, geo: ConvGeometry,
                   cells_shape: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The shifted inputs mixed by the attention, ``sum_s a_bsj x_b,s``, as channels-last features
+    """The shifted inputs mixed by the mixture weights, ``sum_s a_bsj x_b,s``, as channels-last features
     (B * out blocks, c_in * n, L, 1) for one pointwise convolution with the whole warehouse."""
     spatial, out_blocks, in_blocks = geo.grid
     num, c_in = cells_shape[0], cells_shape[2]
@@ -26,7 +26,7 @@ def _mix_features(x: torch.Tensor, attention: torch.Tensor, geo: ConvGeometry,
     cols = cols.reshape(batch, length, in_blocks, c_in, spatial)
     cols = cols.permute(0, 1, 3, 4, 2) if in_blocks > 1 else cols
     cols = cols.reshape(batch, length * c_in, spatial * in_blocks)
-    mix = attention.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 1, 3, 2, 4)
+    mix = mixture.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 1, 3, 2, 4)
     mixed = torch.matmul(cols, mix.reshape(batch, spatial * in_blocks, out_blocks * num))
     # (B, L, c_in, out block, n) -> (B * out blocks, L, c_in * n)
     mixed = mixed.reshape(batch, length, c_in, out_blocks, num)
@@ -43,11 +43,11 @@ def _mix_weight(cells: torch.Tensor) -> torch.Tensor:
 
 
 
-def mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+def mix_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """``out_b = sum_j E_j (sum_s a_bsj x_b,s)``: mix shifted inputs, then one product with all cells,
     run as a pointwise convolution (on CPU the convolution library does it twice as fast as a
     matrix product)."""
-    features, size = _mix_features(x, attention, geo, cells.shape)
+    features, size = _mix_features(x, mixture, geo, cells.shape)
     weight = _mix_weight(cells)
     if torch.compiler.is_compiling():  # the compiler mistakes the strides of a width-1 channels-last map
         rows = features.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
@@ -55,32 +55,32 @@ def mix_conv(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, geo:
         out = out.reshape(features.shape[0], math.prod(size), weight.shape[0]).transpose(1, 2)
     else:
         out = F.conv2d(features, weight)
-    return out.reshape(x.shape[0], geo.grid[1] * weight.shape[0], *size)
+    return out.reshape(x.shape[0], geo.grid.out_blocks * weight.shape[0], *size)
 
 
 
-def mix_backward(x: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_attention: torch.Tensor) -> torch.Tensor:
+def mix_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
+                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
     """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
     the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
     by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
-    chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_attention, returns the
+    chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_mixture, returns the
     cells' gradient."""
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
-    per_sample = geo.grid[1] * math.prod(grad.shape[2:]) * weight.shape[1]
+    per_sample = geo.grid.out_blocks * math.prod(grad.shape[2:]) * weight.shape[1]
     for part in batch_chunks(x.shape[0], per_sample):
         with torch.enable_grad():
-            mixture = attention[part].detach().requires_grad_()
+            part_mixture = mixture[part].detach().requires_grad_()
             sample = x[part].detach().requires_grad_(grad_x is not None)
-            features, _ = _mix_features(sample, mixture, geo, cells.shape)
-        inputs = [mixture, sample] if grad_x is not None else [mixture]
+            features, _ = _mix_features(sample, part_mixture, geo, cells.shape)
+        inputs = [part_mixture, sample] if grad_x is not None else [part_mixture]
         out_grad = grad[part].reshape(features.shape[0], weight.shape[0], -1, 1)
         grad_features, part_weight, _ = torch.ops.aten.convolution_backward(
             out_grad, features.detach(), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
         grad_weight += part_weight
         grads = torch.autograd.grad(features, inputs, grad_features)
-        grad_attention[part] = grads[0]
+        grad_mixture[part] = grads[0]
         if grad_x is not None:
             grad_x[part] = grads[1]
     num, c_out, c_in = cells.shape[:3]
@@ -102,4 +102,4 @@ def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int,
 def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:
     """Whether the ``mix`` path applies to a warehouse of ``cells_shape`` (n, c_out, c_in, *k_cell):
     a convolution with groups 1 and cells of kernel size 1."""
-    return geo.dims > 0 and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])
+    return not geo.linear and geo.groups == 1 and all(k == 1 for k in cells_shape[3:])

@@ -60,7 +60,7 @@ class LayerCall(NamedTuple):
     def out_size(self) -> int:
         """Output positions L per sample (tokens for a linear layer)."""
         geo = self.geo
-        if not geo.dims:
+        if geo.linear:
             return math.prod(self.input_shape[1:-1])
         k = geo.weight_shape[2:]
         size = self.input_shape[2:]
@@ -157,14 +157,14 @@ def triton_supported(call: LayerCall) -> bool:
 def _conv_graph(x, mixture, cells, geo, backward, lean, scale=None, bias=None):
     """The ``conv`` path: graphs only, so no backward and no native kernels. The scale goes where
     it costs fewer multiplies: into the weight (|W| per sample) or onto the output (C_out L)."""
-    by_row = graph_shared(cells, "cells_by_rows", cells_by_rows) if geo.grid[0] > 1 else None
+    by_row = graph_shared(cells, "cells_by_rows", cells_by_rows) if geo.grid.spatial > 1 else None
     weight = assemble_in_weight_order(mixture, cells, geo.grid, geo.weight_shape, by_row)
     positions = LayerCall.of(x, mixture, cells, geo).out_size
     if scale is not None and math.prod(geo.weight_shape[1:]) <= positions:
         weight = weight * scale.to(weight.dtype).reshape(1, -1, *([1] * (weight.dim() - 2)))
         scale = None
     inner = None if bias is None or scale is not None else bias.to(weight.dtype)  # the bias inside
-    if not geo.dims:
+    if geo.linear:
         out = linear_per_sample(x, weight.flatten(2), inner)
     elif fixed_graph_batch() == 1:  # a plain convolution
         out = CONV[geo.dims](x, weight.reshape(geo.weight_shape), inner, geo.stride, geo.padding,
@@ -207,17 +207,17 @@ register(ExecutionPath(
     "conv", "export of a fixed batch: weights assembled by one product in the weight's memory order, "
     "applied by a plain (batch 1) or grouped convolution; a scale per output channel (a folded "
     "BatchNorm) goes into the weights, the bias into the convolution",
-    lambda call: call.graph and (not call.geo.dims or fixed_graph_batch() is not None), _conv_graph,
+    lambda call: call.graph and (call.geo.linear or fixed_graph_batch() is not None), _conv_graph,
     folds_epilogue=True))
 register(ExecutionPath(
     "mix", "no assembly: input patches mixed by the mixture weights, then one product with the whole "
     "warehouse (groups 1, cells of kernel size 1)", lambda call: mix_supported(call.geo, call.cells_shape), _mix))
 register(ExecutionPath(
     "loop", "one sample at a time, its weight assembled in cache and applied by a plain convolution "
-    "(eager mode)", lambda call: call.geo.dims > 0 and not call.graph, _one_by_one("loop"), LOOP_BACKWARDS))
+    "(eager mode)", lambda call: not call.geo.linear and not call.graph, _one_by_one("loop"), LOOP_BACKWARDS))
 register(ExecutionPath(
     "patches", "as loop, each weight applied as one matrix product with the sample's input patches "
-    "(eager mode, groups 1)", lambda call: call.geo.dims > 0 and call.geo.groups == 1 and not call.graph,
+    "(eager mode, groups 1)", lambda call: not call.geo.linear and call.geo.groups == 1 and not call.graph,
     _one_by_one("patches"), LOOP_BACKWARDS))
 register(ExecutionPath(
     "triton", "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
@@ -263,7 +263,7 @@ def candidates(call: LayerCall) -> list[str]:
             continue
         if call.grad and _workspace(path.name, call) > tuning.CHUNK_ELEMENTS:
             continue
-        if path.name == "unfold" and not call.geo.dims:
+        if path.name == "unfold" and call.geo.linear:
             continue
         if path.name == "mix" and not mix_is_cheap(call.geo, call.cells_shape, call.out_size,
                                                    tuning.MIX_PRUNE_ADVANTAGE):
@@ -286,7 +286,7 @@ def _workspace(name: str, call: LayerCall) -> int:
     geo, batch, positions = call.geo, call.batch, call.out_size
     patch = math.prod(geo.weight_shape[1:]) * geo.groups  # inputs per output position, all groups
     if name == "mix":
-        return batch * geo.grid[1] * call.cells_shape[2] * call.cells_shape[0] * positions
+        return batch * geo.grid.out_blocks * call.cells_shape[2] * call.cells_shape[0] * positions
     if name == "unfold" and math.prod(geo.weight_shape[2:]) > 1:
         return batch * patch * positions
     if name == "patches":
@@ -316,7 +316,7 @@ def rule_choice(call: LayerCall) -> str:
     compiling = torch.compiler.is_compiling()
     device_type = call.device.split(":", 1)[0]
     path = choose_path(call.geo, call.cells_shape, call.batch, call.out_size, device_type)
-    if path == "grouped" and call.geo.dims and compiling:
+    if path == "grouped" and not call.geo.linear and compiling:
         return "unfold"
     if path == "loop" and call.grad:
         return f"loop:{loop_backward_rule(call)}"
@@ -343,7 +343,7 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     a time (``loop``). Depthwise layers and small ones, and every layer off CPU, take ``mix`` where
     the map is small against the warehouse and ``grouped`` otherwise.
     """
-    if not geo.dims:
+    if geo.linear:
         return "grouped"
     compiling = torch.compiler.is_compiling()
     several = compiling or batch > 1  # compiled graphs serve every batch size

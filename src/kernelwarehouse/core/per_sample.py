@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tuning
+from .plan import CellGrid
 
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -19,9 +20,10 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class ConvGeometry(NamedTuple):
-    """Everything of a per-sample convolution that is not a tensor. ``dims = 0`` means linear."""
+    """Everything of a per-sample convolution that is not a tensor. Without stride, padding and
+    dilation it is a linear layer (:attr:`linear`): weight (C_out, C_in, 1) applied to each token."""
 
-    grid: tuple[int, int, int]
+    grid: CellGrid
     weight_shape: tuple[int, ...]
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
@@ -29,8 +31,14 @@ class ConvGeometry(NamedTuple):
     groups: int = 1
 
     @property
+    def linear(self) -> bool:
+        """A linear layer (``KWLinear``), not a convolution."""
+        return not self.stride
+
+    @property
     def dims(self) -> int:
-        return len(self.weight_shape) - 2 if self.stride else 0
+        """Spatial dimensions of the convolution; 0 for a linear layer."""
+        return 0 if self.linear else len(self.weight_shape) - 2
 
 
 
@@ -167,7 +175,7 @@ def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
                     input_grad: bool, weight_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of a per-sample convolution (or linear) with respect to x and the B weights."""
-    if not geo.dims:
+    if geo.linear:
         flat = weight.flatten(2)
         grad_x = torch.matmul(grad, flat) if input_grad else None
         return grad_x, torch.matmul(grad.transpose(1, 2), x).reshape(weight.shape) if weight_grad else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 NORMS = ("batch", "layer", "group", "none")
 ZERO_CELL = -1  # beta target of a cell that starts as the zero cell
@@ -86,25 +86,41 @@ class WarehousePlan:
         return self.num_cells * math.prod(self.cell_shape)
 
 
+class CellGrid(NamedTuple):
+    """How a layer's weight is cut into its m = spatial * out_blocks * in_blocks cells: kernel
+    positions split apart (1 when a cell holds the whole kernel), blocks of output channels and blocks
+    of input channels. Cells are numbered in that order (:mod:`kernelwarehouse.core.assembly`)."""
+
+    spatial: int
+    out_blocks: int
+    in_blocks: int
+
+    def __str__(self) -> str:  # the plain tuple's text: measured path choices are keyed by it
+        return tuple.__repr__(self)
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One layer's share of its warehouse.
 
-    ``grid`` = (spatial blocks, output blocks, input blocks); the layer has m = prod(grid) cells,
-    numbered in that order. ``slots`` = [start, stop) are the warehouse cells this layer owns
-    (initialised for it, and its local cells in the nonlocal basis); ``beta`` gives, per cell, the
-    slot its temperature initialisation points at, or ``ZERO_CELL``.
+    ``grid`` is the :class:`CellGrid` (spatial blocks, output blocks, input blocks); the layer has
+    m = prod(grid) cells, numbered in that order. ``slots`` = [start, stop) are the warehouse cells
+    this layer owns (initialised for it, and its local cells in the nonlocal basis); ``beta`` gives,
+    per cell, the slot its temperature initialisation points at, or ``ZERO_CELL``.
     """
 
     spec: LayerSpec
     warehouse: str
     warehouse_cells: int
-    grid: tuple[int, int, int]
+    grid: CellGrid
     slots: tuple[int, int]
     beta: tuple[int, ...]
     hidden: int
     num_basis: int
     config: WarehouseConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", CellGrid(*self.grid))  # a plain (read or built) tuple gets its names
 
     @property
     def name(self) -> str:
@@ -289,8 +305,8 @@ def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseCo
                 f"{c_out}x{c_in} of warehouse {wname!r}: cell_outplane_ratio={cfg.cell_outplane_ratio} of "
                 f"gcd {g_out} and cell_inplane_ratio={cfg.cell_inplane_ratio} of gcd {g_in} must divide the "
                 f"layer's {m.out_channels} output and {c_in_g} input channels")
-        grids.append((math.prod(k // c for k, c in zip(m.kernel_size, cell_k)),
-                      m.out_channels // c_out, c_in_g // c_in))
+        grids.append(CellGrid(math.prod(k // c for k, c in zip(m.kernel_size, cell_k)),
+                              m.out_channels // c_out, c_in_g // c_in))
     cells = [math.prod(g) for g in grids]
     n = max(int(sum(cells) * cfg.cell_num_ratio), 1)
     assignments = assign_slots(cells, n, cfg.cell_num_ratio)

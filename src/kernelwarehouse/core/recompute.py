@@ -23,7 +23,7 @@ LOOP_BACKWARDS = ("slices", "sample", "mix")
 def apply_weights(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, path: str) -> torch.Tensor:
     """Sample b of ``x`` with its assembled ``weight[b]``: one batched matrix product over shifted
     views for ``unfold``, else one grouped convolution (a plain one for a single sample)."""
-    if not geo.dims:
+    if geo.linear:
         return linear_per_sample(x, weight.flatten(2), None)
     if path == "unfold":
         return unfold_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups)

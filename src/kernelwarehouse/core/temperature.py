@@ -7,10 +7,16 @@ import torch.nn as nn
 from .attention import KWAttention
 
 
+def checked_temperature(tau: float, name: str = "temperature") -> float:
+    """``tau`` as a float, or a ValueError naming ``name`` unless it is a number in [0, 1]."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {tau!r}")
+    return float(tau)
+
+
 def set_temperature(model: nn.Module, tau: float) -> int:
     """Set tau on every KernelWarehouse attention in ``model``; returns how many were set."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"temperature must be a number in [0, 1], got {tau!r}")
+    checked_temperature(tau)
     count = 0
     for module in model.modules():
         if isinstance(module, KWAttention):
@@ -51,9 +57,7 @@ class TemperatureSchedule:
     def __init__(self, model: nn.Module, anneal_steps: int, start: float = 1.0, end: float = 0.0) -> None:
         if anneal_steps < 0:
             raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
-        for value in (start, end):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"temperatures must lie in [0, 1], got {value}")
+        checked_temperature(start, "start temperature"), checked_temperature(end, "end temperature")
         self.model, self.anneal_steps, self.start, self.end = model, anneal_steps, start, end
         self.steps_done = 0
         self.tau = self.value(0)
@@ -87,10 +91,8 @@ class TemperatureAnnealing(nn.Module):
         super().__init__()
         if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
             raise ValueError(f"anneal steps must be an integer >= 0, got {anneal_steps!r}")
-        for value in (start, end):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"temperatures must lie in [0, 1], got {value}")
-        self.start, self.end = float(start), float(end)
+        self.start = checked_temperature(start, "start temperature")
+        self.end = checked_temperature(end, "end temperature")
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("anneal_steps", torch.tensor(anneal_steps, dtype=torch.long))
         self.attentions: list[KWAttention] = []

@@ -266,7 +266,8 @@ class _Cells(NamedTuple):
         flat = cells.reshape(num, c_out, -1)
         if flat.stride(2) != 1:
             flat = flat.contiguous()
-        return cls(mixture.contiguous(), flat, num, c_out, c_in, math.prod(cells.shape[3:]), *geo.grid[1:])
+        return cls(mixture.contiguous(), flat, num, c_out, c_in, math.prod(cells.shape[3:]), geo.grid.out_blocks,
+                   geo.grid.in_blocks)
 
     def args(self) -> list[int]:
         """N_CELLS .. SE_OUT of the forward and input-gradient kernels."""
@@ -354,7 +355,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, cells: torch.Tensor, geo: C
     grid = (kernel * tiles_ci, plane.groups * tiles_oc, batch)
     _weight_grad_kernel[grid](x4, g4, gw, *x4.shape[2:], *g4.shape[2:], c_out_group, c_in_group,
                               *x4.stride(), *g4.stride(), *_conv_args(plane), *cells.shape[1:3],
-                              math.prod(cells.shape[3:]), *geo.grid[1:], num_cells, tiles_ci, tiles_oc,
+                              math.prod(cells.shape[3:]), geo.grid.out_blocks, geo.grid.in_blocks, num_cells,
+                              tiles_ci, tiles_oc,
                               KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_L=block_l, BLOCK_CI=block_ci,
                               BLOCK_OC=block_oc, PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
     return gw

@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg, register_notra
 from ..core.build import STATIC_TO_KW, build_kernelwarehouse
 from ..core.plan import RATIO_NAMES
 from ..core.temperature import anneal
-from .registry import parse_budget
+from .registry import no_budget_error, parse_budget
 
 SMALL_INPUT = 32  # the image size a ``small_input`` model's cfg states
 PLAN_OPTIONS = frozenset(RATIO_NAMES) | {"sharing_range"}
@@ -114,7 +114,7 @@ def build(variant: str, family: Family, pretrained: bool = False, dynamic: bool 
     FAMILIES.setdefault(variant, family)
     anneal_steps = kwargs.pop("anneal_steps", None)
     if not dynamic and "budget" in kwargs:
-        raise ValueError(f"{variant} is a static model and takes no budget; use kw_{variant}")
+        raise no_budget_error(variant)
     if anneal_steps is not None and not dynamic:
         raise ValueError(f"{variant} is a static model: it has no temperature to anneal")
     small = bool(kwargs.get("small_input", False))

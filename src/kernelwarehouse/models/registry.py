@@ -27,9 +27,22 @@ class ModelEntry:
         if self.kind not in ("static", "kw", "baseline") or (self.kind == "kw") != self.dynamic:
             raise ValueError(f"model {self.name!r}: kind {self.kind!r} does not agree with dynamic={self.dynamic}")
 
+    def check_budget(self, budget: Any) -> None:
+        """Raise for a budget given to a model that takes none (static models and baselines)."""
+        if budget is not None and not self.dynamic:
+            raise no_budget_error(self.name, self.kind)
+
     @property
     def budgets(self) -> list[Fraction | None]:
         return list(self.reference_params or self.paper or [None])
+
+
+def no_budget_error(name: str, kind: str = "static") -> ValueError:
+    """The error for a budget given to model ``name`` of ``kind`` ``"static"`` or ``"baseline"``."""
+    if kind == "baseline":
+        return ValueError(f"{name} is a dynamic-convolution baseline and takes no budget; "
+                          f"set its number of kernels instead (e.g. kernel_num=4)")
+    return ValueError(f"{name} is a static model and takes no budget; use kw_{name}")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -92,12 +105,8 @@ def create_model(name: str, budget: Any = None, num_classes: int = 1000, **overr
     warehouse option (``cell_num_ratio``, ``cell_inplane_ratio``, ``reduction``, ``norm``, ...) as
     overrides; static models take no budget."""
     entry = model_entry(name)
+    entry.check_budget(budget)
     if not entry.dynamic:
-        if budget is not None and entry.kind == "baseline":
-            raise ValueError(f"{name} is a dynamic-convolution baseline and takes no budget; "
-                             f"set its number of kernels instead (e.g. kernel_num=4)")
-        if budget is not None:
-            raise ValueError(f"{name} is a static model and takes no budget; use kw_{name}")
         return entry.builder(num_classes=num_classes, **overrides)
     return entry.builder(budget=parse_budget(1 if budget is None else budget), num_classes=num_classes,
                          **overrides)
