@@ -326,3 +326,14 @@ def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys, monk
     assert lines and lines[0].startswith("epoch 1/1  step 1/6  ")
     for word in ("img/s", "loss", "lr", "tau", "epoch ends in"):
         assert word in lines[0]
+
+
+def test_demo_baselines_anneal_their_temperature_over_the_whole_run():
+    from kernelwarehouse.cli import build_parser
+    from kernelwarehouse.cli.demo import demo_configs
+
+    configs = {c.model: c for c in demo_configs(build_parser().parse_args(["demo", "--compare", "--epochs", "6"]))}
+    assert configs["odconv_resnet18"].baseline_temp_epochs == 6 and configs["dyconv_resnet18"].baseline_temp_epochs == 6
+    assert configs["kw_resnet18"].baseline_temp_epochs is None and configs["kw_resnet18"].temp_epochs == 2
+    chosen = demo_configs(build_parser().parse_args(["demo", "--compare", "--baseline-temp-epochs", "1"]))
+    assert {c.baseline_temp_epochs for c in chosen if c.model.startswith("odconv")} == {1}

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..core.build import replace_modules
 from ..models.mobilenetv2 import mobilenetv2_050, mobilenetv2_100
-from ..models.registry import ModelEntry, register
+from ..models.registry import register_zoo
 from ..models.resnet import resnet18, resnet50, resnet_stages
 from .condconv import CondConv2d
 from .dyconv import DynamicConv2d
@@ -91,13 +91,6 @@ def _builder(static: Callable[..., nn.Module], paths: Callable[[nn.Module], list
     return build
 
 
-odconv_resnet18 = _builder(resnet18, resnet_dynamic_paths, "odconv")
-odconv_resnet50 = _builder(resnet50, resnet_dynamic_paths, "odconv")
-odconv_mobilenetv2_100 = _builder(mobilenetv2_100, mobilenetv2_dynamic_paths, "odconv")
-odconv_mobilenetv2_050 = _builder(mobilenetv2_050, mobilenetv2_dynamic_paths, "odconv")
-dyconv_resnet18 = _builder(resnet18, resnet_dynamic_paths, "dyconv")
-condconv_resnet18 = _builder(resnet18, resnet_dynamic_paths, "condconv")
-
 # kernel_num -> (params M, ImageNet top-1) as published in the ODConv authors' README (reduction 1/16)
 PUBLISHED: dict[str, dict[int, tuple[float | None, float | None]]] = {
     "odconv_resnet18": {1: (11.94, 73.05), 4: (44.90, 74.19)},
@@ -116,5 +109,17 @@ REFERENCE_PARAMS: dict[str, dict[int, int]] = {
     "odconv_mobilenetv2_050": {1: 2425537, 4: 4435501},
 }
 
-for _name, _paper in PUBLISHED.items():
-    register(ModelEntry(_name, globals()[_name], False, _paper, REFERENCE_PARAMS.get(_name, {}), kind="baseline"))
+
+def _registered(static: Callable[..., nn.Module], paths: Callable[[nn.Module], list[str]], method: str,
+                ) -> Callable[..., nn.Module]:
+    """The builder of ``method`` on ``static``, registered (as ``{method}_{static}``) with its numbers."""
+    build = _builder(static, paths, method)
+    return register_zoo(PUBLISHED[build.__name__], REFERENCE_PARAMS.get(build.__name__), kind="baseline")(build)
+
+
+odconv_resnet18 = _registered(resnet18, resnet_dynamic_paths, "odconv")
+odconv_resnet50 = _registered(resnet50, resnet_dynamic_paths, "odconv")
+odconv_mobilenetv2_100 = _registered(mobilenetv2_100, mobilenetv2_dynamic_paths, "odconv")
+odconv_mobilenetv2_050 = _registered(mobilenetv2_050, mobilenetv2_dynamic_paths, "odconv")
+dyconv_resnet18 = _registered(resnet18, resnet_dynamic_paths, "dyconv")
+condconv_resnet18 = _registered(resnet18, resnet_dynamic_paths, "condconv")

@@ -112,6 +112,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where to train (auto)")
     parser.add_argument("--workers", type=int, help="data-loading processes per training process (0)")
     parser.add_argument("--temp-epochs", type=float, help="epochs over which tau anneals from 1 to 0")
+    parser.add_argument("--baseline-temp-epochs", type=float,
+                        help="epochs over which DY-Conv's / ODConv's temperature falls from 30 to 1 "
+                             "(default: --temp-epochs; the demo: the whole run)")
     parser.add_argument("--limit-train", type=int, help="train on the first N samples of a fixed shuffle")
     parser.add_argument("--limit-val", type=int, help="evaluate on the first N samples of a fixed shuffle")
     parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",

@@ -46,15 +46,13 @@ from .evaluate import count_parameters, evaluate
 def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     """The registered model for the dataset: its classes and channels, the small-image stem when the
     images are small. Static models take no budget; a dynamic model without one gets its default."""
-    entry = model_entry(config.model)
+    model_entry(config.model).check_budget(config.budget)   # before any data-dependent option is added
     kwargs: dict[str, Any] = {"in_chans": info.in_chans}
     if info.small_input:
         kwargs["small_input"] = True
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     kwargs.update(config.model_kwargs)
-    if config.budget is not None and not entry.dynamic:
-        raise ValueError(f"{config.model} is a static model and takes no --budget")
     try:
         return create_model(config.model, budget=config.budget, num_classes=info.num_classes, **kwargs)
     except TypeError as error:
@@ -128,6 +126,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.temperature = TemperatureSchedule(model, round(config.temp_epochs * self.steps_per_epoch))
+        baseline_epochs = config.temp_epochs if config.baseline_temp_epochs is None else config.baseline_temp_epochs
+        self.baseline_anneal_steps = round(baseline_epochs * self.steps_per_epoch)
         self.ema = ModelEma(model, config.ema_decay) if config.ema else None
         self.mixup = batch_mixing(config, self.info.num_classes)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
@@ -231,7 +231,7 @@ class Trainer:
                     continue
             tau = self.temperature.step()
             # DY-Conv / ODConv baselines: their softmax temperature, 30 -> 1 over the same steps
-            set_baseline_temperature(model, baseline_temperature(self.step, self.temperature.anneal_steps))
+            set_baseline_temperature(model, baseline_temperature(self.step, self.baseline_anneal_steps))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if cfg.channels_last and self.device.type == "cuda":
