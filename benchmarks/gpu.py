@@ -18,6 +18,7 @@ path each layer ran. A row that fails (out of memory, a compile error) prints wh
 rows that would start after ``--time-budget`` seconds (280) are skipped by name, so one run ends within
 5 minutes. Without a CUDA GPU the script says so and exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,26 @@ from kernelwarehouse.core.temperature import set_temperature
 ALL_MODES = ("fp32", "bf16", "fp16", "fp32 channels-last")
 CHECKS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], tuple[str, ...]]] = [
     ("3x3, 64->64, padding 1", lambda: kw.KWConv2d(64, 64, 3, padding=1), (8, 64, 14, 14), ALL_MODES),
-    ("3x3 stride 2, 64->128", lambda: kw.KWConv2d(64, 128, 3, stride=2, padding=1), (8, 64, 15, 15),
-     ("fp32", "bf16")),
+    (
+        "3x3 stride 2, 64->128",
+        lambda: kw.KWConv2d(64, 128, 3, stride=2, padding=1),
+        (8, 64, 15, 15),
+        ("fp32", "bf16"),
+    ),
     ("1x1 stride 2, 64->128", lambda: kw.KWConv2d(64, 128, 1, stride=2), (8, 64, 14, 14), ("fp32", "bf16")),
     ("7x7 stride 2, 3->64", lambda: kw.KWConv2d(3, 64, 7, stride=2, padding=3), (4, 3, 32, 32), ("fp32",)),
-    ("3x3 dilation 2, groups 4", lambda: kw.KWConv2d(32, 64, 3, padding=2, dilation=2, groups=4),
-     (3, 32, 9, 9), ("fp32",)),
-    ("3x3, whole-kernel cells, batch 1", lambda: kw.KWConv2d(32, 32, 3, padding=1, spatial_partition=False),
-     (1, 32, 10, 10), ("fp32",)),
+    (
+        "3x3 dilation 2, groups 4",
+        lambda: kw.KWConv2d(32, 64, 3, padding=2, dilation=2, groups=4),
+        (3, 32, 9, 9),
+        ("fp32",),
+    ),
+    (
+        "3x3, whole-kernel cells, batch 1",
+        lambda: kw.KWConv2d(32, 32, 3, padding=1, spatial_partition=False),
+        (1, 32, 10, 10),
+        ("fp32",),
+    ),
     ("linear 256->100 over 7 tokens", lambda: kw.KWLinear(256, 100), (5, 7, 256), ("fp32", "bf16")),
 ]
 DEVICE = torch.device("cuda")  # --device sets it
@@ -117,13 +130,16 @@ def correctness() -> bool:
             worst_grad = max(relative(a, b) for a, b in zip(results[0][1], results[1][1]))
             out_error = relative(results[0][0], results[1][0])
             ok = out_error < 1e-4 and worst_grad < 1e-3
-            print(f"| KW-ResNet18 1x (eval mode), batch 4, 64x64 | fp32 | {out_error:.1e} | "
-                  f"(worst parameter gradient) {worst_grad:.1e} | | | {'yes' if ok else 'NO'} |")
+            print(
+                f"| KW-ResNet18 1x (eval mode), batch 4, 64x64 | fp32 | {out_error:.1e} | "
+                f"(worst parameter gradient) {worst_grad:.1e} | | | {'yes' if ok else 'NO'} |"
+            )
             passed &= ok
         except Exception as error:  # noqa: BLE001
             passed = False
-            print(f"| KW-ResNet18 1x | fp32 | failed: {type(error).__name__}: {str(error)[:200]} "
-                  f"| | | | NO |")
+            print(
+                f"| KW-ResNet18 1x | fp32 | failed: {type(error).__name__}: {str(error)[:200]} | | | | NO |"
+            )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"\ncorrectness: {'all cases pass' if passed else 'SOME CASES FAIL'}\n", flush=True)
@@ -143,8 +159,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-               amp: torch.dtype | None) -> Callable[[], None]:
+def train_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None
+) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def step() -> None:
@@ -154,6 +171,7 @@ def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
             loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -162,14 +180,17 @@ def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         model.eval()
         with torch.no_grad():
             model(x)
+
     return run
 
 
 def with_path(path: str | None, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` run along execution path ``path`` (None: a static model)."""
+
     def run() -> None:
         with kw.execution_path(path) if path else contextlib.nullcontext():
             fn()
+
     return run
 
 
@@ -203,7 +224,7 @@ def failure(error: Exception) -> str:
 def memory(fn: Callable[[], None]) -> float | str:
     try:
         fn()  # gradients and optimizer state exist before measuring
-        return peak_memory(fn, DEVICE) / 2 ** 20
+        return peak_memory(fn, DEVICE) / 2**20
     except Exception as error:  # noqa: BLE001
         return failure(error)
 
@@ -223,8 +244,9 @@ def cell(value: float | str, static: float | str, unit: str, batch: int, is_stat
     return f"{shown} ({value / static:.2f}x)"
 
 
-def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_last: bool,
-                image_size: int) -> None:
+def bench_model(
+    name: str, batch: int, paths: list[str], repeats: int, channels_last: bool, image_size: int
+) -> None:
     torch.manual_seed(0)
     static = static_counterpart(name)[0].to(DEVICE)
     kw_model = kw.create_model(name, budget=1).to(DEVICE)
@@ -238,40 +260,47 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
     figures: dict[str, tuple[str, dict[str, float | str]]] = {}
     layer_paths: dict[str, dict[str, dict[str, str | None]]] = {p: {} for p in paths}
 
-    def per_path(make: Callable[[nn.Module], Callable[[], None]],
-                 figure: str) -> dict[str, Callable[[], None]]:
+    def per_path(
+        make: Callable[[nn.Module], Callable[[], None]], figure: str
+    ) -> dict[str, Callable[[], None]]:
         fns = {}
         for column in columns:
             path = None if column == "static" else column
             fn = with_path(path, make(models[column]))
             if path:
+
                 def recorded(fn=fn, path=path) -> None:
                     fn()
                     layer_paths[path][figure] = chosen_paths(kw_model)
+
                 fns[column] = recorded
             else:
                 fns[column] = fn
         return fns
 
     for figure, unit, make in (
-            ("training fp32", "img/s", lambda m: train_step(m, x, target, None)),
-            ("training bf16", "img/s", lambda m: train_step(m, x, target, torch.bfloat16)),
-            ("inference fp32", "ms", lambda m: inference(m, x))):
+        ("training fp32", "img/s", lambda m: train_step(m, x, target, None)),
+        ("training bf16", "img/s", lambda m: train_step(m, x, target, torch.bfloat16)),
+        ("inference fp32", "ms", lambda m: inference(m, x)),
+    ):
         figures[figure] = (unit, compare(per_path(make, figure), repeats))
         print(f"  done: {figure}", file=sys.stderr, flush=True)
     for amp, label in ((None, "fp32"), (torch.bfloat16, "bf16")):
         fns = per_path(lambda m: train_step(m, x, target, amp), f"peak memory {label}")
         figures[f"peak training memory {label}"] = ("MiB", {c: memory(fn) for c, fn in fns.items()})
 
-    print(f"\n### {name} 1x against {static_counterpart(name)[1]}, batch {batch}, {image_size}x{image_size}"
-          f"{', channels-last' if channels_last else ''}\n")
+    print(
+        f"\n### {name} 1x against {static_counterpart(name)[1]}, batch {batch}, {image_size}x{image_size}"
+        f"{', channels-last' if channels_last else ''}\n"
+    )
     print("Ratios: the KW model's step time, latency or memory over the static model's.\n")
     print("| figure | " + " | ".join(f"KW {c}" if c != "static" else c for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for figure, (unit, values) in figures.items():
         static_value = values.get("static", "n/a")
-        row = " | ".join(cell(values.get(c, "not run"), static_value, unit, batch, c == "static")
-                         for c in columns)
+        row = " | ".join(
+            cell(values.get(c, "not run"), static_value, unit, batch, c == "static") for c in columns
+        )
         print(f"| {figure} | {row} |")
     if "reference" in paths:
         ref = figures["training fp32"][1].get("reference"), figures["training bf16"][1].get("reference")
@@ -279,10 +308,14 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
             if path == "reference":
                 continue
             ours = figures["training fp32"][1].get(path), figures["training bf16"][1].get(path)
-            faster = [f"{r / o:.2f}x" if isinstance(r, float) and isinstance(o, float) else "n/a"
-                      for r, o in zip(ref, ours)]
-            print(f"\n{path} against the reference scheme, training step: {faster[0]} faster in fp32, "
-                  f"{faster[1]} in bf16")
+            faster = [
+                f"{r / o:.2f}x" if isinstance(r, float) and isinstance(o, float) else "n/a"
+                for r, o in zip(ref, ours)
+            ]
+            print(
+                f"\n{path} against the reference scheme, training step: {faster[0]} faster in fp32, "
+                f"{faster[1]} in bf16"
+            )
     for path, by_figure in layer_paths.items():
         if not by_figure:
             continue
@@ -291,14 +324,20 @@ def bench_model(name: str, batch: int, paths: list[str], repeats: int, channels_
         summary = {figure: Counter(str(v) for v in chosen.values()) for figure, chosen in by_figure.items()}
         for figure, counts in summary.items():
             print(f"  {figure}: " + ", ".join(f"{p} x{n}" for p, n in counts.most_common()))
-        others = [layer for layer in layers
-                  if any(str(by_figure[f].get(layer)).split(":")[0] != path for f in by_figure)]
+        others = [
+            layer
+            for layer in layers
+            if any(str(by_figure[f].get(layer)).split(":")[0] != path for f in by_figure)
+        ]
         if others and path != "auto":
             print(f"  layers that did not take {path}:")
-        for layer in (layers if path == "auto" else others):
+        for layer in layers if path == "auto" else others:
             chosen = {str(by_figure[f].get(layer)) for f in by_figure}
-            shown = (chosen.pop() if len(chosen) == 1
-                     else ", ".join(f"{f} {by_figure[f].get(layer)}" for f in by_figure))
+            shown = (
+                chosen.pop()
+                if len(chosen) == 1
+                else ", ".join(f"{f} {by_figure[f].get(layer)}" for f in by_figure)
+            )
             print(f"  {layer}: {shown}")
 
 
@@ -308,31 +347,45 @@ def machine() -> str:
         return f"{kw.native.cpu_model()} (dry run on CPU), torch {torch.__version__}, {when}"
     props = torch.cuda.get_device_properties(DEVICE)
     import triton
-    return (f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}, triton {triton.__version__}, {when}")
+
+    return (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, triton {triton.__version__}, {when}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="kw_resnet18,kw_resnet50")
     parser.add_argument("--batches", default="64,128")
-    parser.add_argument("--paths", default="triton,reference",
-                        help="comma-separated execution paths; 'auto' times every candidate per layer first")
+    parser.add_argument(
+        "--paths",
+        default="triton,reference",
+        help="comma-separated execution paths; 'auto' times every candidate per layer first",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--channels-last", action="store_true",
-                        help="models and inputs in channels-last layout")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and inputs in channels-last layout"
+    )
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--time-budget", type=float, default=280.0,
-                        help="seconds after which the remaining model rows are skipped (each named)")
-    parser.add_argument("--device", default="cuda",
-                        help="'cpu' runs the table alone, as a dry run of this script")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=280.0,
+        help="seconds after which the remaining model rows are skipped (each named)",
+    )
+    parser.add_argument(
+        "--device", default="cuda", help="'cpu' runs the table alone, as a dry run of this script"
+    )
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/gpu.py needs a CUDA GPU and none is visible here (torch.cuda.is_available() is "
-              "False); nothing was measured.")
+        print(
+            "benchmarks/gpu.py needs a CUDA GPU and none is visible here (torch.cuda.is_available() is "
+            "False); nothing was measured."
+        )
         return 0
     if DEVICE.type == "cuda":
         try:
@@ -353,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             started = time.perf_counter()
             if started - begun > args.time_budget:
-                print(f"\n### {name}, batch {batch}: skipped, past the time budget of "
-                      f"{args.time_budget:.0f} s (--time-budget)")
+                print(
+                    f"\n### {name}, batch {batch}: skipped, past the time budget of "
+                    f"{args.time_budget:.0f} s (--time-budget)"
+                )
                 continue
             try:
                 bench_model(name, batch, paths, args.repeats, args.channels_last, args.image_size)

@@ -9,6 +9,7 @@ Each cell is a median in ms (and its ratio to the static convolution); inference
 gradients, training is forward and backward of the layer alone (input, mixture weights and warehouse
 require gradients). The attention branch is not timed: every path shares it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def layer_inputs(model: torch.nn.Module, image_size: int) -> dict[str, torch.Siz
     def record(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             shapes[name] = args[0].shape
+
         return hook
+
     hooks = [layer.register_forward_hook(record(name)) for name, layer in kw.kw_layers(model)]
     with torch.no_grad():
         model.eval()(torch.randn(2, 3, image_size, image_size))
@@ -59,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="grouped,unfold,mix,loop,patches,auto",
-                        help="inference paths, comma-separated (PATH@torch: with PyTorch's products)")
-    parser.add_argument("--train-paths", default="grouped,loop:slices,loop:sample,loop:mix,patches:slices,auto",
-                        help="training paths ('' for none); loop:FORM names the loop path's backward form")
+    parser.add_argument(
+        "--paths",
+        default="grouped,unfold,mix,loop,patches,auto",
+        help="inference paths, comma-separated (PATH@torch: with PyTorch's products)",
+    )
+    parser.add_argument(
+        "--train-paths",
+        default="grouped,loop:slices,loop:sample,loop:mix,patches:slices,auto",
+        help="training paths ('' for none); loop:FORM names the loop path's backward form",
+    )
     parser.add_argument("--only", default="", help="time only layers whose name contains this")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
@@ -79,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     kw.set_temperature(model, 0.5)
     shapes = layer_inputs(model, args.image_size)
 
-    header = ["layer", "L", "n", "static"] + paths + (["static train"] + [f"train {p}" for p in train_paths]
-                                                     if train_paths else [])
+    header = (
+        ["layer", "L", "n", "static"]
+        + paths
+        + (["static train"] + [f"train {p}" for p in train_paths] if train_paths else [])
+    )
     print("| " + " | ".join(header) + " |")
     print("|---" * 3 + "|" + "---:|" * (len(header) - 3))
     for name, layer in kw.kw_layers(model):
@@ -108,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
             def train(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
                 return lambda: fn().sum().backward()
-            base = median_ms(train(lambda: F.conv2d(inputs, weight, None, layer.stride, layer.padding,
-                                                    layer.dilation, layer.groups)), args.repeats)
+
+            base = median_ms(
+                train(
+                    lambda: F.conv2d(
+                        inputs, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups
+                    )
+                ),
+                args.repeats,
+            )
             row.append(f"{base:.2f}")
             for path in train_paths:
                 ms = median_ms(train(lambda: kw_conv(inputs, mixture, cells, None, geo, path)), args.repeats)

@@ -10,6 +10,7 @@ rows expanded to (c_out, r, n) with the cells, ``rows_gradient`` against ``torch
 (the products :mod:`kernelwarehouse.core.assembly` runs without the kernels). Each figure is the median
 of interleaved repeats in GMAC/s (multiply-adds r n c_out c_in per second), with its ratio to PyTorch's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--variants", default=",".join(native.supported_variants()),
-                        help="comma-separated, of those this CPU runs (default: all of them)")
-    parser.add_argument("--rows", default="144,9", help="mixture rows r: 16 samples x 9 positions, one sample")
+    parser.add_argument(
+        "--variants",
+        default=",".join(native.supported_variants()),
+        help="comma-separated, of those this CPU runs (default: all of them)",
+    )
+    parser.add_argument(
+        "--rows", default="144,9", help="mixture rows r: 16 samples x 9 positions, one sample"
+    )
     parser.add_argument("--cells", default="27,36,56", help="warehouse cells n")
     parser.add_argument("--channels", default="64,128,256,512", help="c_out = c_in of the layers")
     args = parser.parse_args(argv)
@@ -54,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"kernels not available: {', '.join(missing)}", file=sys.stderr)
         return 1
-    print(f"{native.cpu_model()}, {args.threads} threads, torch {torch.__version__}; this process's variant "
-          f"{native.variant()}, supported {', '.join(native.supported_variants())}")
+    print(
+        f"{native.cpu_model()}, {args.threads} threads, torch {torch.__version__}; this process's variant "
+        f"{native.variant()}, supported {', '.join(native.supported_variants())}"
+    )
     print("GMAC/s, median of", args.repeats, "interleaved repeats, and the ratio to PyTorch's product")
     widths = [11, 17, 8] + [16] * len(names)
 
@@ -64,21 +72,30 @@ def main(argv: list[str] | None = None) -> int:
 
     def cells_of(shape: tuple[int, int, int], rate: dict[str, float]) -> list[str]:
         r, n, c = shape
-        return [f"({r}, {n})", f"({c}, {n}, {c})", f"{rate['torch']:.1f}",
-                *(f"{rate[name]:.1f} ({rate[name] / rate['torch']:.2f}x)" for name in names)]
+        return [
+            f"({r}, {n})",
+            f"({c}, {n}, {c})",
+            f"{rate['torch']:.1f}",
+            *(f"{rate[name]:.1f} ({rate[name] / rate['torch']:.2f}x)" for name in names),
+        ]
 
-    results: dict[str, list[tuple[tuple[int, int, int], dict[str, float]]]] = {"mix_rows": [], "rows_gradient": []}
+    results: dict[str, list[tuple[tuple[int, int, int], dict[str, float]]]] = {
+        "mix_rows": [],
+        "rows_gradient": [],
+    }
     for r in (int(v) for v in args.rows.split(",")):
         for c in (int(v) for v in args.channels.split(",")):
             for n in (int(v) for v in args.cells.split(",")):
                 torch.manual_seed(0)
                 rows = torch.randn(r, n)
-                cells = torch.randn(n, c, c).transpose(0, 1)   # (c_out, n, c_in), a warehouse's strides
+                cells = torch.randn(n, c, c).transpose(0, 1)  # (c_out, n, c_in), a warehouse's strides
                 grad, out = torch.randn(c, r, c), torch.empty(c, r, c)
                 mix = {"torch": lambda: torch.bmm(rows.expand(c, -1, -1), cells, out=out)}
                 mix.update({name: lambda k=k: k.mix_rows(rows, cells, out) for name, k in kernels.items()})
                 gradient = {"torch": lambda: torch.bmm(grad, cells.transpose(1, 2)).sum(0)}
-                gradient.update({name: lambda k=k: k.rows_gradient(grad, cells) for name, k in kernels.items()})
+                gradient.update(
+                    {name: lambda k=k: k.rows_gradient(grad, cells) for name, k in kernels.items()}
+                )
                 for kernel, functions in (("mix_rows", mix), ("rows_gradient", gradient)):
                     seconds = medians(functions, args.repeats)
                     rate = {name: r * n * c * c / s / 1e9 for name, s in seconds.items()}
@@ -88,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{kernel}\n" + row(["rows", "cells", "torch", *names]))
         for shape, rate in measured:
             print(row(cells_of(shape, rate)))
-        means = [statistics.geometric_mean([rate[name] / rate["torch"] for _, rate in measured]) for name in names]
+        means = [
+            statistics.geometric_mean([rate[name] / rate["torch"] for _, rate in measured]) for name in names
+        ]
         print(row(["geomean", "", "", *(f"{mean:.2f}x" for mean in means)]))
     return 0
 

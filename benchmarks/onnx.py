@@ -12,6 +12,7 @@ the static models' BatchNorms into their convolutions). The KW models are export
 folded. Every figure is a median over interleaved rounds; a ratio is the median of the per-round
 ratios to the static model timed in the same round, which keeps it steady under background load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ from run import machine  # noqa: E402
 
 import kernelwarehouse as kw  # noqa: E402
 
-STATIC = {"kw_resnet18": ("torchvision resnet18", torchvision.models.resnet18),
-          "kw_mobilenetv2_100": ("torchvision mobilenet_v2", torchvision.models.mobilenet_v2)}
+STATIC = {
+    "kw_resnet18": ("torchvision resnet18", torchvision.models.resnet18),
+    "kw_mobilenetv2_100": ("torchvision mobilenet_v2", torchvision.models.mobilenet_v2),
+}
 NAMES = {"kw_resnet18": "KW-ResNet18 1x", "kw_mobilenetv2_100": "KW-MobileNetV2 1.0 1x"}
 
 
@@ -50,14 +53,22 @@ def session(path: str, threads: int) -> ort.InferenceSession:
 def export_static(model: torch.nn.Module, path: str, x: torch.Tensor, opset: int) -> str:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        torch.onnx.export(
+            model,
+            (x,),
+            path,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
 
 
-def time_rounds(sessions: dict[str, ort.InferenceSession], x: np.ndarray,
-                repeats: int) -> dict[str, list[float]]:
+def time_rounds(
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per run of each session, interleaved: one run of each per round, after a warm-up."""
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for s in sessions.values():
@@ -83,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     forms = args.forms.split(",")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    print(f"onnxruntime {ort.__version__}, CPU, {args.threads} intra-op threads, opset {args.opset}, "
-          f"{args.image_size}x{args.image_size}, medians of {args.repeats}; {when}; {machine()}\n")
+    print(
+        f"onnxruntime {ort.__version__}, CPU, {args.threads} intra-op threads, opset {args.opset}, "
+        f"{args.image_size}x{args.image_size}, medians of {args.repeats}; {when}; {machine()}\n"
+    )
     print("| model | static counterpart | batch | static ms | form | KW ms | ratio |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
@@ -97,16 +110,25 @@ def main(argv: list[str] | None = None) -> int:
                 x = torch.randn(batch, 3, args.image_size, args.image_size)
                 paths = {"static": export_static(static, os.path.join(folder, "static.onnx"), x, args.opset)}
                 for form in forms:
-                    paths[form] = kw.export_onnx(model, os.path.join(folder, f"{form}.onnx"), x, form=form,
-                                                 dynamic_batch=form != "grouped", opset_version=args.opset)
+                    paths[form] = kw.export_onnx(
+                        model,
+                        os.path.join(folder, f"{form}.onnx"),
+                        x,
+                        form=form,
+                        dynamic_batch=form != "grouped",
+                        opset_version=args.opset,
+                    )
                 sessions = {key: session(path, args.threads) for key, path in paths.items()}
                 times = time_rounds(sessions, x.numpy(), args.repeats)
                 base = statistics.median(times["static"]) * 1e3
                 for form in forms:
                     ratio = statistics.median(t / s for t, s in zip(times[form], times["static"]))
                     kind = "fixed batch" if form == "grouped" else "dynamic batch"
-                    print(f"| {NAMES[name]} | {label} | {batch} | {base:.1f} | {form} ({kind}) | "
-                          f"{statistics.median(times[form]) * 1e3:.1f} | {ratio:.2f}x |", flush=True)
+                    print(
+                        f"| {NAMES[name]} | {label} | {batch} | {base:.1f} | {form} ({kind}) | "
+                        f"{statistics.median(times[form]) * 1e3:.1f} | {ratio:.2f}x |",
+                        flush=True,
+                    )
     return 0
 
 

@@ -8,6 +8,7 @@ process; ``reference`` is the reference implementation's scheme (B assembled wei
 backward, one convolution with groups = B), ``auto`` this package's default execution, and
 ``auto-pytorch`` the same without the native CPU kernels (what a machine without a C compiler runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,29 +38,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None)
-    parser.add_argument("--paths", default="auto,reference",
-                        help="comma-separated execution paths; auto-pytorch: auto without the native kernels")
+    parser.add_argument(
+        "--paths",
+        default="auto,reference",
+        help="comma-separated execution paths; auto-pytorch: auto without the native kernels",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--show-paths", action="store_true", help="print the path each layer ran under auto")
     args = parser.parse_args(argv)
 
     results = {}
     for path in args.paths.split(","):
-        results[path] = benchmark("kw_resnet18", 1, batch_size=args.batch_size, image_size=224,
-                                  device=args.device, threads=args.threads if args.device == "cpu" else None,
-                                  repeats=args.repeats, memory_batch_size=args.memory_batch_size, tau=0.5,
-                                  path=path.removesuffix("-pytorch"), amp=args.amp,
-                                  native_kernels=not path.endswith("-pytorch"))
+        results[path] = benchmark(
+            "kw_resnet18",
+            1,
+            batch_size=args.batch_size,
+            image_size=224,
+            device=args.device,
+            threads=args.threads if args.device == "cpu" else None,
+            repeats=args.repeats,
+            memory_batch_size=args.memory_batch_size,
+            tau=0.5,
+            path=path.removesuffix("-pytorch"),
+            amp=args.amp,
+            native_kernels=not path.endswith("-pytorch"),
+        )
         print(f"done: {path}", file=sys.stderr)
     first = next(iter(results.values()))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     setting = f"{first['device']}" + (f", {first['threads']} threads" if first["device"] == "cpu" else "")
     setting += f", amp {args.amp}" if args.amp else ""
     kernels = f"native kernels: {native.variant() or 'none'}" if first["device"] == "cpu" else ""
-    print(f"KW-ResNet18 1x vs {first['static']}, 224x224, tau = 0.5, {setting}; {when}; {machine()}; {kernels}; "
-          f"auto: {first['path_choice']}\n")
-    header = "| figure | static | " + " | ".join(f"KW ({p})" for p in results) + " | " + \
-             " | ".join(f"ratio ({p})" for p in results) + " |"
+    print(
+        f"KW-ResNet18 1x vs {first['static']}, 224x224, tau = 0.5, {setting}; {when}; {machine()}; "
+        f"{kernels}; "
+        f"auto: {first['path_choice']}\n"
+    )
+    header = (
+        "| figure | static | "
+        + " | ".join(f"KW ({p})" for p in results)
+        + " | "
+        + " | ".join(f"ratio ({p})" for p in results)
+        + " |"
+    )
     print(header)
     print("|---|" + "---:|" * (1 + 2 * len(results)))
     for name, fig in first["figures"].items():
@@ -72,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         for path, r in results.items():
             if path != "reference":
                 # each path ran beside its own static model: compare ratios, not times of different moments
-                faster = ", ".join(f"{name} {ref[name]['ratio'] / fig['ratio']:.2f}x" for name, fig in r["figures"].items()
-                                   if fig["unit"] == "ms")
+                faster = ", ".join(
+                    f"{name} {ref[name]['ratio'] / fig['ratio']:.2f}x"
+                    for name, fig in r["figures"].items()
+                    if fig["unit"] == "ms"
+                )
                 print(f"\n{path} against the reference scheme (ratio over ratio, times faster): {faster}")
     if args.show_paths:
         for path, r in results.items():

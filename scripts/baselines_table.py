@@ -1,7 +1,8 @@
 """Print the README's table of methods: parameters and MACs per 224x224 sample of each model.
 
-    PYTHONPATH=src python scripts/baselines_table.py
+PYTHONPATH=src python scripts/baselines_table.py
 """
+
 from __future__ import annotations
 
 from kernelwarehouse.bench import count_macs
@@ -9,13 +10,28 @@ from kernelwarehouse.baselines.models import PUBLISHED
 from kernelwarehouse.models import create_model, format_budget, model_entry
 
 ROWS = [  # (model, budget or kernel_num)
-    ("resnet18", None), ("kw_resnet18", 1), ("kw_resnet18", 4), ("condconv_resnet18", 4), ("dyconv_resnet18", 4),
-    ("odconv_resnet18", 1), ("odconv_resnet18", 4),
-    ("resnet50", None), ("kw_resnet50", 1), ("kw_resnet50", 4), ("odconv_resnet50", 1), ("odconv_resnet50", 4),
-    ("mobilenetv2_100", None), ("kw_mobilenetv2_100", 1), ("kw_mobilenetv2_100", 4),
-    ("odconv_mobilenetv2_100", 1), ("odconv_mobilenetv2_100", 4),
-    ("mobilenetv2_050", None), ("kw_mobilenetv2_050", 1), ("kw_mobilenetv2_050", 4),
-    ("odconv_mobilenetv2_050", 1), ("odconv_mobilenetv2_050", 4),
+    ("resnet18", None),
+    ("kw_resnet18", 1),
+    ("kw_resnet18", 4),
+    ("condconv_resnet18", 4),
+    ("dyconv_resnet18", 4),
+    ("odconv_resnet18", 1),
+    ("odconv_resnet18", 4),
+    ("resnet50", None),
+    ("kw_resnet50", 1),
+    ("kw_resnet50", 4),
+    ("odconv_resnet50", 1),
+    ("odconv_resnet50", 4),
+    ("mobilenetv2_100", None),
+    ("kw_mobilenetv2_100", 1),
+    ("kw_mobilenetv2_100", 4),
+    ("odconv_mobilenetv2_100", 1),
+    ("odconv_mobilenetv2_100", 4),
+    ("mobilenetv2_050", None),
+    ("kw_mobilenetv2_050", 1),
+    ("kw_mobilenetv2_050", 4),
+    ("odconv_mobilenetv2_050", 1),
+    ("odconv_mobilenetv2_050", 4),
 ]
 
 
@@ -33,8 +49,10 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         macs = count_macs(model, (3, 224, 224))
         published = "-" if published is None else f"{published:.2f}"
-        print(f"| {name} | {label} | {params / 1e6:.2f} | {published} | {macs.total / 1e9:.3f} | "
-              f"{macs.assembly / 1e9:.3f} | {macs.attention / 1e9:.3f} |")
+        print(
+            f"| {name} | {label} | {params / 1e6:.2f} | {published} | {macs.total / 1e9:.3f} | "
+            f"{macs.assembly / 1e9:.3f} | {macs.attention / 1e9:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Print the README's table of kw.convert on torchvision / timm models (random init, CPU, ~1 min)."""
+
 import warnings
 
 import timm
@@ -8,7 +9,14 @@ import torchvision
 
 import kernelwarehouse as kw
 
-MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny", "efficientnet_b0", "deit_tiny_patch16_224"]
+MODELS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+    "efficientnet_b0",
+    "deit_tiny_patch16_224",
+]
 
 
 def build(name: str) -> nn.Module:
@@ -33,7 +41,10 @@ def sample(name: str) -> torch.Tensor:
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    print("| model | KW layers | warehouses | converted weights | params | KW 1x | ratio | warm-start error | KW 4x |")
+    print(
+        "| model | KW layers | warehouses | converted weights | params | KW 1x | ratio | warm-start error "
+        "| KW 4x |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         model = build(name)
@@ -46,9 +57,11 @@ def main() -> None:
         with torch.no_grad():
             error = float((model.eval()(x) - expected).abs().max() / expected.abs().max())
         original = conversion.original_parameters
-        print(f"| {name} | {len(conversion.plan.layers)} | {len(conversion.plan.warehouses)} | "
-              f"{conversion.coverage:.1%} | {original / 1e6:.2f}M | {conversion.num_parameters / 1e6:.2f}M | "
-              f"{conversion.parameter_ratio:.3f}x | {error:.1e} | {four.num_parameters / 1e6:.2f}M |")
+        print(
+            f"| {name} | {len(conversion.plan.layers)} | {len(conversion.plan.warehouses)} | "
+            f"{conversion.coverage:.1%} | {original / 1e6:.2f}M | {conversion.num_parameters / 1e6:.2f}M | "
+            f"{conversion.parameter_ratio:.3f}x | {error:.1e} | {four.num_parameters / 1e6:.2f}M |"
+        )
 
 
 if __name__ == "__main__":

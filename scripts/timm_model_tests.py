@@ -11,6 +11,7 @@ ViTs to its test for non-standard models by name, so the DeiTs are also register
 ``deit_kw_tiny`` / ``deit_kw_small`` and take that test in place of the standard one. Nothing is
 downloaded: the tests build models without weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFTEST = '''
+CONFTEST = """
 import fnmatch
 
 import timm
@@ -41,7 +42,8 @@ def _register(base, name, **options):
     def create(pretrained=False, **kwargs):
         return timm.create_model(base, pretrained=pretrained, **options, **kwargs)
     create.__name__ = create.__qualname__ = name
-    default_cfgs[name] = {{k: v for k, v in get_pretrained_cfg(base).to_dict().items() if k not in ("architecture", "tag")}}
+    cfg = get_pretrained_cfg(base).to_dict()
+    default_cfgs[name] = {{k: v for k, v in cfg.items() if k not in ("architecture", "tag")}}
     register_model(create)
 
 
@@ -53,7 +55,8 @@ if BUDGETS:
         if entry.kind != "kw":
             continue
         for budget in entry.budgets:
-            _register(name, f"{{name}}_b{{format_budget(budget).replace('/', 'd').rstrip('x')}}", budget=budget)
+            suffix = format_budget(budget).replace("/", "d").rstrip("x")
+            _register(name, f"{{name}}_b{{suffix}}", budget=budget)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,16 +65,19 @@ def pytest_collection_modifyitems(config, items):
     if standard_vit:
         config.hook.pytest_deselected(items=standard_vit)
         items[:] = [item for item in items if item not in standard_vit]
-'''
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("timm_repo", type=Path, help="a checkout of pytorch-image-models")
     parser.add_argument("--budgets", action="store_true", help="also every paper budget of every model")
-    parser.add_argument("--torchscript", action="store_true",
-                        help="also the TorchScript cases (KernelWarehouse layers are not scriptable: they choose "
-                             "their execution path in Python; kw.trace and kw.export_onnx give graphs)")
+    parser.add_argument(
+        "--torchscript",
+        action="store_true",
+        help="also the TorchScript cases (KernelWarehouse layers are not scriptable: they choose "
+        "their execution path in Python; kw.trace and kw.export_onnx give graphs)",
+    )
     args, pytest_args = parser.parse_known_args(argv)
     source = args.timm_repo / "tests" / "test_models.py"
     if not source.is_file():
@@ -79,8 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kw-timm-tests-") as folder:
         shutil.copy(source, Path(folder) / "test_models.py")
         (Path(folder) / "conftest.py").write_text(CONFTEST.format(budgets=bool(args.budgets)))
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", folder,
-                   "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "kw_" if args.torchscript else "kw_ and not torchscript", str(Path(folder) / "test_models.py"), *pytest_args]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            folder,
+            "-o",
+            "addopts=",
+            "-W",
+            "ignore::pytest.PytestUnknownMarkWarning",
+            "-k",
+            "kw_" if args.torchscript else "kw_ and not torchscript",
+            str(Path(folder) / "test_models.py"),
+            *pytest_args,
+        ]
         # the fixed rule picks paths: one-off test shapes are not worth timing
         env = {"KERNELWAREHOUSE_PATH_CHOICE": "rule", **os.environ}
         return subprocess.call(command, cwd=folder, env=env)

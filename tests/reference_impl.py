@@ -1,4 +1,5 @@
 """Slow, loop-based restatements of the method, written independently of the package, for tests."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,19 +9,22 @@ import torch.nn.functional as F
 
 
 def attention_by_formula(layer, pooled: torch.Tensor) -> torch.Tensor:
-    """a_ij = (1 - tau) z_ij / (sum_p |z_ip| + 1e-3) + tau beta_ij, zero cell dropped; one sample at a time."""
+    """a_ij = (1 - tau) z_ij / (sum_p |z_ip| + 1e-3) + tau beta_ij, zero cell dropped; one sample at
+    a time."""
     att = layer.attention
     tau = float(att.temperature)
-    tau_beta = float(torch.tensor(tau, dtype=torch.float32))  # tau * beta is formed in float32, as the reference does
+    tau_beta = float(
+        torch.tensor(tau, dtype=torch.float32)
+    )  # tau * beta is formed in float32, as the reference does
     m, n = att.num_cells, att.num_slots
     rows = []
     for b in range(pooled.shape[0]):
-        h = att.fc1(pooled[b:b + 1])
+        h = att.fc1(pooled[b : b + 1])
         h = torch.relu(att.norm(h))
         z = att.fc2(h)[0]
         if att.num_basis:
             z = z.reshape(m, -1)
-            local, basis, zero = z[:, :att.num_local], z[:, att.num_local:-1], z[:, -1:]
+            local, basis, zero = z[:, : att.num_local], z[:, att.num_local : -1], z[:, -1:]
             others = basis @ att.fc3.weight.T
             s = att.local_start
             z = torch.cat([others[:, :s], local, others[:, s:], zero], 1).reshape(-1) + att.basis_bias
@@ -64,7 +68,7 @@ def conv_layer_by_loops(layer, x: torch.Tensor) -> torch.Tensor:
     outs = []
     for b in range(x.shape[0]):
         W = weight_by_loops(layer, mixture[b])
-        xb = x[b:b + 1]
+        xb = x[b : b + 1]
         padding = layer.padding
         if layer.padding_mode != "zeros":
             xb = F.pad(xb, layer._pad, mode=layer.padding_mode)

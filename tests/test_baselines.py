@@ -1,4 +1,5 @@
 """CondConv2d, DynamicConv2d and ODConv2d against slow per-sample references, in float64."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernelwarehouse as kw
-from kernelwarehouse.baselines import (CondConv2d, DynamicConv2d, ODConv2d, baseline_temperature,
-                                       set_baseline_temperature)
+from kernelwarehouse.baselines import (
+    CondConv2d,
+    DynamicConv2d,
+    ODConv2d,
+    baseline_temperature,
+    set_baseline_temperature,
+)
 
 DTYPE = torch.float64
 # (in, out, kernel, stride, padding, dilation, groups)
@@ -16,8 +22,8 @@ SHAPES = [
     (6, 10, 3, 1, 1, 1, 1),
     (6, 10, 3, 2, 1, 1, 1),
     (6, 8, 1, 1, 0, 1, 1),
-    (8, 8, 3, 1, 2, 2, 8),     # depthwise, dilated
-    (6, 4, 3, 2, 1, 1, 2),     # grouped
+    (8, 8, 3, 1, 2, 2, 8),  # depthwise, dilated
+    (6, 4, 3, 2, 1, 1, 2),  # grouped
     (6, 10, (3, 1), 1, (1, 0), 1, 1),
 ]
 
@@ -40,7 +46,9 @@ def per_sample(layer, x: torch.Tensor, kernel_and_bias) -> torch.Tensor:
     outs = []
     for b in range(x.shape[0]):
         weight, bias = kernel_and_bias(b)
-        outs.append(F.conv2d(x[b:b + 1], weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+        outs.append(
+            F.conv2d(x[b : b + 1], weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        )
     return torch.cat(outs)
 
 
@@ -52,6 +60,7 @@ def reference_condconv(layer: CondConv2d, x: torch.Tensor) -> torch.Tensor:
         weight = sum(r[k] * layer.weight[k] for k in range(layer.num_kernels))
         bias = None if layer.bias is None else sum(r[k] * layer.bias[k] for k in range(layer.num_kernels))
         return weight, bias
+
     return per_sample(layer, x, kernel)
 
 
@@ -64,6 +73,7 @@ def reference_dyconv(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
         weight = sum(pi[k] * layer.weight[k] for k in range(layer.num_kernels))
         bias = None if layer.bias is None else sum(pi[k] * layer.bias[k] for k in range(layer.num_kernels))
         return weight, bias
+
     return per_sample(layer, x, kernel)
 
 
@@ -71,25 +81,49 @@ def reference_odconv(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
     """Eq. 2 of the ODConv paper with every attention folded into the kernel."""
     att, t = layer.attention, layer.temperature
     bn = att.bn
-    h = F.batch_norm(x.mean(dim=(2, 3)) @ att.fc.weight.T, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                     layer.training, 0.0, bn.eps)
+    h = F.batch_norm(
+        x.mean(dim=(2, 3)) @ att.fc.weight.T,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        layer.training,
+        0.0,
+        bn.eps,
+    )
     h = torch.relu(h)
     c_out, c_in_group = layer.weight.shape[1:3]
     # the input channel that weight[:, o, j] reads
-    channel_of = torch.arange(c_out)[:, None] // (c_out // layer.groups) * c_in_group + torch.arange(c_in_group)
+    channel_of = torch.arange(c_out)[:, None] // (c_out // layer.groups) * c_in_group + torch.arange(
+        c_in_group
+    )
 
     def kernel(b):
         a_c = torch.sigmoid((h[b] @ att.channel_fc.weight.T + att.channel_fc.bias) / t)[channel_of]
-        a_f = (torch.sigmoid((h[b] @ att.filter_fc.weight.T + att.filter_fc.bias) / t) if att.filter_fc
-               else torch.ones(c_out, dtype=x.dtype))
-        a_s = (torch.sigmoid((h[b] @ att.spatial_fc.weight.T + att.spatial_fc.bias) / t).reshape(layer.kernel_size)
-               if att.spatial_fc else torch.ones(layer.kernel_size, dtype=x.dtype))
-        a_w = (torch.softmax((h[b] @ att.kernel_fc.weight.T + att.kernel_fc.bias) / t, dim=0) if att.kernel_fc
-               else torch.ones(1, dtype=x.dtype))
-        weight = sum(a_w[k] * a_f[:, None, None, None] * a_c[:, :, None, None] * a_s * layer.weight[k]
-                     for k in range(layer.num_kernels))
+        a_f = (
+            torch.sigmoid((h[b] @ att.filter_fc.weight.T + att.filter_fc.bias) / t)
+            if att.filter_fc
+            else torch.ones(c_out, dtype=x.dtype)
+        )
+        a_s = (
+            torch.sigmoid((h[b] @ att.spatial_fc.weight.T + att.spatial_fc.bias) / t).reshape(
+                layer.kernel_size
+            )
+            if att.spatial_fc
+            else torch.ones(layer.kernel_size, dtype=x.dtype)
+        )
+        a_w = (
+            torch.softmax((h[b] @ att.kernel_fc.weight.T + att.kernel_fc.bias) / t, dim=0)
+            if att.kernel_fc
+            else torch.ones(1, dtype=x.dtype)
+        )
+        weight = sum(
+            a_w[k] * a_f[:, None, None, None] * a_c[:, :, None, None] * a_s * layer.weight[k]
+            for k in range(layer.num_kernels)
+        )
         bias = None if layer.bias is None else a_w @ layer.bias
         return weight, bias
+
     return per_sample(layer, x, kernel)
 
 
@@ -128,7 +162,9 @@ def test_dyconv_matches_reference(shape, bias):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_odconv_matches_reference(shape, kernel_num):
-    layer = randomise(ODConv2d(*shape, bias=False, kernel_num=kernel_num, temperature=2.0).to(DTYPE), 5).eval()
+    layer = randomise(
+        ODConv2d(*shape, bias=False, kernel_num=kernel_num, temperature=2.0).to(DTYPE), 5
+    ).eval()
     check_against_reference(layer, reference_odconv, make_input(shape[0], 6))
 
 
@@ -141,7 +177,11 @@ def test_odconv_training_mode_and_bias_match_reference(kernel_num):
 
 
 def test_batch_of_one_equals_each_sample_of_a_batch():
-    for layer in (CondConv2d(6, 10, 3, padding=1), DynamicConv2d(6, 10, 3, padding=1), ODConv2d(6, 10, 3, padding=1)):
+    for layer in (
+        CondConv2d(6, 10, 3, padding=1),
+        DynamicConv2d(6, 10, 3, padding=1),
+        ODConv2d(6, 10, 3, padding=1),
+    ):
         layer = randomise(layer.to(DTYPE), 9).eval()
         x = make_input(6, 10)
         torch.testing.assert_close(layer(x)[1:2], layer(x[1:2]), rtol=1e-12, atol=1e-12)
@@ -153,7 +193,7 @@ def test_odconv_skips_trivial_attentions():
     assert pointwise.spatial_fc is None and pointwise.kernel_fc is None and pointwise.filter_fc is not None
     full = ODConv2d(160, 32, 3, kernel_num=4).attention
     assert (full.fc.out_features, full.spatial_fc.out_features, full.kernel_fc.out_features) == (16, 9, 4)
-    assert ODConv2d(512, 32, 3).attention.fc.out_features == 32   # 512 / 16
+    assert ODConv2d(512, 32, 3).attention.fc.out_features == 32  # 512 / 16
 
 
 def test_parameter_counts_of_single_layers():
@@ -168,7 +208,9 @@ def test_parameter_counts_of_single_layers():
 
 
 def test_temperature_is_separate_from_kernelwarehouse_tau():
-    model = nn.Sequential(DynamicConv2d(4, 4, 3), ODConv2d(4, 4, 3), CondConv2d(4, 4, 3), kw.KWConv2d(4, 4, 3))
+    model = nn.Sequential(
+        DynamicConv2d(4, 4, 3), ODConv2d(4, 4, 3), CondConv2d(4, 4, 3), kw.KWConv2d(4, 4, 3)
+    )
     assert set_baseline_temperature(model, 30) == 2
     assert kw.set_temperature(model, 0.5) == 1
     assert model[0].temperature == model[1].attention.temperature == 30.0

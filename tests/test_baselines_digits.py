@@ -1,5 +1,6 @@
 """One epoch of the baseline ResNet18s on 1000 of scikit-learn's 8x8 digits (slow: run with -m slow;
 minutes per model on a CPU, where per-sample convolution is slow)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 def digits() -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target)

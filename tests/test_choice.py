@@ -1,12 +1,12 @@
 """The measured choice of execution path (``auto``): fastest candidate wins, cached, reloaded, a
 damaged cache ignored, the deterministic switch. Timings are fake: no test depends on a clock."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -63,7 +63,7 @@ def test_fastest_candidate_wins_and_is_reused(measured):
             assert relative(out, layer(x)) < 1e-12
         timed.clear()
         layer(x)
-    assert not timed                       # decided once per geometry
+    assert not timed  # decided once per geometry
     assert list(kw.path_choices().values()) == ["mix"]
     assert kw.chosen_paths(nn.Sequential(layer)) == {"0": "mix"}
 
@@ -74,8 +74,17 @@ def test_training_chooses_a_backward_form_and_timing_leaves_no_trace(measured):
     fake["loop:sample"] = 0.1
     layer(x).square().sum().backward()
     assert layer.last_path == "loop:sample"
-    assert {"loop:slices", "loop:sample", "loop:mix", "patches:slices", "patches:sample", "patches:mix", "grouped",
-            "unfold", "mix"} == set(timed)
+    assert {
+        "loop:slices",
+        "loop:sample",
+        "loop:mix",
+        "patches:slices",
+        "patches:sample",
+        "patches:mix",
+        "grouped",
+        "unfold",
+        "mix",
+    } == set(timed)
     measured_grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     # the same step with the choice already made: timing added nothing to any gradient
     layer.zero_grad()
@@ -179,16 +188,22 @@ def test_candidates_are_pruned_by_what_applies():
     mixture = torch.zeros(2, 1, 1, requires_grad=True)
     train = candidates(LayerCall.of(x, mixture, depthwise.warehouse.weight, depthwise._geometry))
     assert "mix" not in train and "loop:mix" not in train and "loop:slices" not in train
-    assert "loop:sample" in train and "reference" not in train and not any(c.startswith("patches") for c in train)
+    assert (
+        "loop:sample" in train
+        and "reference" not in train
+        and not any(c.startswith("patches") for c in train)
+    )
     linear = kw.KWLinear(8, 8)
     tokens = torch.randn(2, 3, 8)
     with torch.no_grad(), kw.native.enabled(False):
-        assert candidates(LayerCall.of(tokens, mixture, linear.warehouse.weight, linear._geometry)) == ["grouped"]
+        assert candidates(LayerCall.of(tokens, mixture, linear.warehouse.weight, linear._geometry)) == [
+            "grouped"
+        ]
 
 
 def test_linear_layer_needs_no_timing(measured):
     fake, timed = measured
-    with torch.no_grad(), kw.native.enabled(False):   # (with the kernels: they and PyTorch's products compete)
+    with torch.no_grad(), kw.native.enabled(False):  # (with the kernels: they and PyTorch's products compete)
         kw.KWLinear(8, 8)(torch.randn(2, 8))
     assert not timed and list(kw.path_choices().values()) == ["grouped"]
 
@@ -208,7 +223,7 @@ def test_call_key_names_what_the_choice_depends_on():
     assert "bfloat16" in amp.key() and "train" in train.key() and f"{torch.get_num_threads()}t" in infer.key()
 
 
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
 import kernelwarehouse as kw
@@ -229,15 +244,23 @@ with torch.no_grad():                             # inference: each rank decides
     layer(torch.randn(1 + rank, 8, 5, 5))
 json.dump({"train": trained, "infer": layer.last_path}, open(sys.argv[1] + f"/{rank}.json", "w"))
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_under_torch_distributed_rank_zero_decides_training_paths(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELWAREHOUSE_PATH_CACHE": "0"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
@@ -247,33 +270,38 @@ def test_under_torch_distributed_rank_zero_decides_training_paths(tmp_path):
 
 def test_training_prunes_paths_that_would_hold_more_than_a_chunk(monkeypatch):
     from kernelwarehouse import tuning
+
     layer = kw.KWConv2d(16, 16, 3, padding=1, cell_num_ratio=2)
     x = torch.randn(4, 16, 6, 6, requires_grad=True)
     mixture = torch.zeros(4, 1, 1, requires_grad=True)
     call = LayerCall.of(x, mixture, layer.warehouse.weight, layer._geometry)
     assert {"mix", "unfold", "patches:sample"} <= set(candidates(call))
-    monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", 4 * 16 * 9 * 36 - 1)   # less than the batch's patches
+    monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", 4 * 16 * 9 * 36 - 1)  # less than the batch's patches
     pruned = candidates(call)
     assert "mix" not in pruned and "unfold" not in pruned and "grouped" in pruned and "loop:sample" in pruned
-    with torch.no_grad():   # inference holds them for an instant only: not pruned
-        assert {"mix", "unfold"} <= set(candidates(LayerCall.of(x, mixture, layer.warehouse.weight,
-                                                                layer._geometry)))
+    with torch.no_grad():  # inference holds them for an instant only: not pruned
+        assert {"mix", "unfold"} <= set(
+            candidates(LayerCall.of(x, mixture, layer.warehouse.weight, layer._geometry))
+        )
 
 
 def test_timing_keeps_the_fastest_run_and_stops_a_candidate_that_cannot_win(monkeypatch):
     from kernelwarehouse import tuning
+
     clock = [0.0]
-    monkeypatch.setattr(choice.time, "perf_counter", lambda: clock[0])   # a fake clock the runs advance
+    monkeypatch.setattr(choice.time, "perf_counter", lambda: clock[0])  # a fake clock the runs advance
     costs, calls = iter([9.0, 5.0, 3.0, 4.0, 9.0, 9.0, 9.0, 9.0]), []
 
     def run():
         calls.append(1)
         clock[0] += next(costs)
 
-    assert choice.time_candidate(run, "cpu", "a") == 3.0    # warm-up (9) untimed, then the best of 5, 3, 4
+    assert choice.time_candidate(run, "cpu", "a") == 3.0  # warm-up (9) untimed, then the best of 5, 3, 4
     assert len(calls) == 1 + tuning.MEASURE_REPEATS
     calls.clear()
-    assert choice.time_candidate(run, "cpu", "b", best=3.0) == 9.0 and len(calls) == 2   # over 2x the best: one run
+    assert (
+        choice.time_candidate(run, "cpu", "b", best=3.0) == 9.0 and len(calls) == 2
+    )  # over 2x the best: one run
 
 
 @pytest.mark.skipif(not kw.native.available(), reason="native kernels not built on this machine")
@@ -284,17 +312,18 @@ def test_pytorch_products_compete_with_the_native_kernels_forward_and_backward(m
     x = torch.randn(4, 32, 8, 8, requires_grad=True)
     fake["loop:sample@torch"] = 0.1
     with kw.native.enabled(True):
-        layer(x).square().sum().backward()   # measured: native and PyTorch-product variants both timed
+        layer(x).square().sum().backward()  # measured: native and PyTorch-product variants both timed
         assert "loop:sample" in timed and "loop:sample@torch" in timed and "mix@torch" not in timed
         assert layer.last_path == "loop:sample@torch"
         want = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
 
         def refuse(*args, **kwargs):
             raise AssertionError("native kernel called for a @torch choice")
+
         monkeypatch.setattr(kw.native, "mix_rows", refuse)
         monkeypatch.setattr(kw.native, "rows_gradient", refuse)
         layer.zero_grad()
         x.grad = None
-        layer(x).square().sum().backward()    # the choice is made: forward and backward on PyTorch's products
+        layer(x).square().sum().backward()  # the choice is made: forward and backward on PyTorch's products
     for got, expected in zip([x.grad] + [p.grad for p in layer.parameters()], want):
         assert torch.equal(got, expected)

@@ -1,4 +1,5 @@
 """torch.compile: no graph breaks in KernelWarehouse layers, one graph for every batch size and tau."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,11 +14,14 @@ dynamo = pytest.importorskip("torch._dynamo")
 def _small_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        kw.KWConv2d(3, 8, 3, padding=1, norm="layer"), nn.ReLU(),
-        kw.KWConv2d(8, 8, 1, stride=2, norm="layer", cell_num_ratio=4),       # pointwise
-        kw.KWConv2d(8, 8, 3, padding=1, groups=8, norm="layer"),              # depthwise
-        kw.KWConv2d(8, 8, 3, padding=1, norm="layer", cell_num_ratio=4),      # small map: mix
-        nn.Flatten(2), kw.KWLinear(16, 4, norm="layer"))
+        kw.KWConv2d(3, 8, 3, padding=1, norm="layer"),
+        nn.ReLU(),
+        kw.KWConv2d(8, 8, 1, stride=2, norm="layer", cell_num_ratio=4),  # pointwise
+        kw.KWConv2d(8, 8, 3, padding=1, groups=8, norm="layer"),  # depthwise
+        kw.KWConv2d(8, 8, 3, padding=1, norm="layer", cell_num_ratio=4),  # small map: mix
+        nn.Flatten(2),
+        kw.KWLinear(16, 4, norm="layer"),
+    )
 
 
 @pytest.fixture
@@ -41,7 +45,7 @@ def test_compile_without_graph_breaks_or_recompiles(recompile_limit_one, backend
         for batch, tau in ((2, 0.5), (3, 0.5), (5, 0.2), (1, 0.0)):
             kw.set_temperature(model, tau)
             x = torch.randn(batch, 3, 8, 8)
-            dynamo.decorators.mark_unbacked(x, 0)   # batch 1 too: no 0/1 specialisation
+            dynamo.decorators.mark_unbacked(x, 0)  # batch 1 too: no 0/1 specialisation
             expected = model(x)
             got = compiled(x)
             assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4  # float32, fused
@@ -50,8 +54,11 @@ def test_compile_without_graph_breaks_or_recompiles(recompile_limit_one, backend
 
 def test_compiled_training_step_matches_eager(recompile_limit_one):
     torch.manual_seed(0)
-    model = nn.Sequential(kw.KWConv2d(3, 8, 3, padding=1, norm="layer", cell_num_ratio=2), nn.ReLU(),
-                          kw.KWConv2d(8, 4, 1, stride=2, norm="layer")).train()
+    model = nn.Sequential(
+        kw.KWConv2d(3, 8, 3, padding=1, norm="layer", cell_num_ratio=2),
+        nn.ReLU(),
+        kw.KWConv2d(8, 4, 1, stride=2, norm="layer"),
+    ).train()
     kw.set_temperature(model, 0.5)
     compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
     for batch in (4, 6):

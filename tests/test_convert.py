@@ -1,4 +1,5 @@
 """kw.convert on models we did not write: warm start, parameter bound, grouping, bad input."""
+
 import copy
 import importlib.util
 import math
@@ -18,7 +19,8 @@ timm = pytest.importorskip("timm")
 
 # the models, their initialisation and inputs behind the README's conversion table
 _spec = importlib.util.spec_from_file_location(
-    "convert_table", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "convert_table.py")
+    "convert_table", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "convert_table.py"
+)
 convert_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_table)
 WARM_START_MODELS, build, sample = convert_table.MODELS, convert_table.build, convert_table.sample
@@ -46,7 +48,7 @@ def test_warm_start_is_exact_at_tau_one(name):
     assert kw.convert(model, budget=1, warm_start=True) is model
     converted = dict(kw.kw_layers(model))
     assert set(converted) == {layer.name for layer in conversion.plan.layers}
-    assert set(converted) <= paths                                     # same module paths
+    assert set(converted) <= paths  # same module paths
     assert conversion.coverage >= 0.8
     assert params(model) == conversion.num_parameters
     assert params(model) <= 1.3 * original
@@ -55,7 +57,7 @@ def test_warm_start_is_exact_at_tau_one(name):
     with torch.no_grad():
         assert rel_err(model(x), expected) < 1e-4
         kw.set_temperature(model, 0.5)
-        assert rel_err(model(x), expected) > 1e-3                    # the dynamic part is live
+        assert rel_err(model(x), expected) > 1e-3  # the dynamic part is live
 
 
 def test_plan_shows_warehouses_cells_and_attention():
@@ -78,11 +80,20 @@ def test_stages_follow_resolution_changes():
     model = torchvision.models.resnet18()
     plan = kw.plan_conversion(model).plan
     warehouse = {p.name: p.warehouse for p in plan.layers}
-    assert "conv1" not in warehouse                                   # 3-channel stem stays static
+    assert "conv1" not in warehouse  # 3-channel stem stays static
     assert warehouse["layer1.0.conv1"] == warehouse["layer1.1.conv2"]
     assert warehouse["layer2.0.conv1"] == warehouse["layer2.0.downsample.0"] == warehouse["layer2.1.conv2"]
-    assert len({warehouse["layer1.0.conv1"], warehouse["layer2.0.conv1"], warehouse["layer3.0.conv1"],
-                warehouse["layer4.0.conv1"]}) == 4
+    assert (
+        len(
+            {
+                warehouse["layer1.0.conv1"],
+                warehouse["layer2.0.conv1"],
+                warehouse["layer3.0.conv1"],
+                warehouse["layer4.0.conv1"],
+            }
+        )
+        == 4
+    )
 
 
 @pytest.mark.parametrize("budget", [4, 1.5])
@@ -105,7 +116,9 @@ def test_warm_start_below_one_warns_and_approximates():
     plan = layer.plan
     assert any(slot == -1 for slot in plan.beta)
     kept = [t for t, slot in enumerate(plan.beta) if slot != -1]
-    cells = kw.core.execution.split_into_cells(static.layer2[1].conv1.weight, plan.grid, layer.warehouse.cell_shape)
+    cells = kw.core.execution.split_into_cells(
+        static.layer2[1].conv1.weight, plan.grid, layer.warehouse.cell_shape
+    )
     for t in kept:
         torch.testing.assert_close(layer.warehouse.weight[plan.beta[t]], cells[t])
 
@@ -147,15 +160,25 @@ def test_transformer_converts_block_linears():
     model = build("deit_tiny_patch16_224")
     plan = kw.plan_conversion(model).plan
     names = {p.name for p in plan.layers}
-    assert names == {f"blocks.{i}.{k}" for i in range(12) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert names == {
+        f"blocks.{i}.{k}" for i in range(12) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
     by_kind = kw.plan_conversion(model, sharing="kind").plan
-    assert sorted(w.name for w in by_kind.warehouses) == ["blocks.attn.proj", "blocks.attn.qkv",
-                                                          "blocks.mlp.fc1", "blocks.mlp.fc2"]
+    assert sorted(w.name for w in by_kind.warehouses) == [
+        "blocks.attn.proj",
+        "blocks.attn.qkv",
+        "blocks.mlp.fc1",
+        "blocks.mlp.fc2",
+    ]
 
 
 def test_conv1d_and_conv3d_models_and_probe_input():
-    model = nn.Sequential(nn.Conv1d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv1d(64, 64, 3, padding=1),
-                          nn.Conv1d(64, 128, 3, stride=2, padding=1)).eval()
+    model = nn.Sequential(
+        nn.Conv1d(16, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(64, 64, 3, padding=1),
+        nn.Conv1d(64, 128, 3, stride=2, padding=1),
+    ).eval()
     x = torch.randn(2, 16, 40)
     expected = model(x)
     kw.convert(model, warm_start=True, example_input=torch.randn(1, 16, 40))
@@ -182,18 +205,20 @@ def test_eval_model_stays_in_eval():
     model = torchvision.models.resnet18().eval()
     kw.convert(model, warm_start=True)
     assert not any(m.training for m in model.modules())
-    model(torch.randn(1, 3, 32, 32))                                  # batch of 1: attention BN in eval
+    model(torch.randn(1, 3, 32, 32))  # batch of 1: attention BN in eval
 
 
 def test_torchvision_vit_mlp_linears_are_found():
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
-                                                 hidden_dim=128, mlp_dim=512, num_classes=10).eval()
-    nn.init.normal_(model.heads.head.weight)                          # torchvision starts it at zero
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=128, mlp_dim=512, num_classes=10
+    ).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)
     conversion = kw.plan_conversion(model, example_input=x)
     assert {p.name for p in conversion.plan.layers} == {
-        f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(3) for j in (0, 3)}
+        f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(3) for j in (0, 3)
+    }
     assert any("NonDynamicallyQuantizableLinear" in reason for _, reason in conversion.skipped)
     kw.convert(model, warm_start=True, example_input=x)
     assert rel_err(model(x), expected) < 1e-4
@@ -217,9 +242,16 @@ def test_unrunnable_model_falls_back_with_a_warning():
 
 def test_temperature_schedule_in_a_plain_training_loop():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                          nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    )
     kw.convert(model, warm_start=True, include=["2", "4"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     schedule = kw.TemperatureSchedule(model, anneal_steps=4)
@@ -239,15 +271,18 @@ def test_temperature_schedule_in_a_plain_training_loop():
     assert resumed.step() == 0.5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"include": "nothing*"}, "matches no convertible layer"),
-    ({"exclude": ["layer9"]}, "matches no module"),
-    ({"exclude": "*"}, "leaves no layer"),
-    ({"include": "conv1", "cell_outplane_ratio": 0.3}, "cannot be cut into cells"),
-    ({"budget": 0}, "budget must be > 0"),
-    ({"sharing": "blocks"}, "sharing must be one of"),
-    ({"norm": "instance"}, "norm must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"include": "nothing*"}, "matches no convertible layer"),
+        ({"exclude": ["layer9"]}, "matches no module"),
+        ({"exclude": "*"}, "leaves no layer"),
+        ({"include": "conv1", "cell_outplane_ratio": 0.3}, "cannot be cut into cells"),
+        ({"budget": 0}, "budget must be > 0"),
+        ({"sharing": "blocks"}, "sharing must be one of"),
+        ({"norm": "instance"}, "norm must be one of"),
+    ],
+)
 def test_bad_input_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kw.convert(torchvision.models.resnet18(), **kwargs)
@@ -256,7 +291,7 @@ def test_bad_input_is_a_clear_error(kwargs, message):
 def test_nothing_to_convert():
     with pytest.raises(ValueError, match="nothing to convert"):
         kw.convert(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
-    with pytest.raises(ValueError, match="nothing to convert"):   # only costly layers: none worth it
+    with pytest.raises(ValueError, match="nothing to convert"):  # only costly layers: none worth it
         kw.convert(nn.Sequential(nn.Conv2d(3, 4, 7)))
     with pytest.raises(TypeError, match="budget="):
         kw.convert(torchvision.models.resnet18(), cell_num_ratio=2)
@@ -279,7 +314,7 @@ def test_no_silent_noop_on_already_converted_model():
     with pytest.raises(ValueError, match="matches no convertible layer"):
         kw.convert(model, include="layer1")
     kw.convert(model, include="layer3.0")
-    kw.convert(model, include="layer3.1")                               # same stage, its own warehouse
+    kw.convert(model, include="layer3.1")  # same stage, its own warehouse
     plan = kw.plan_of(model)
     assert len(plan.warehouses) == 4 and len({w.name for w in plan.warehouses}) == 4
     assert model.layer3[0].conv1.warehouse is not model.layer3[1].conv1.warehouse
@@ -287,7 +322,7 @@ def test_no_silent_noop_on_already_converted_model():
 
 def test_readme_example_runs(capsys):
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Use it in your model"):]
-    code = section[section.index("```python") + len("```python"):]
-    exec(compile(code[:code.index("```")], "README.md", "exec"), {})
+    section = readme[readme.index("## Use it in your model") :]
+    code = section[section.index("```python") + len("```python") :]
+    exec(compile(code[: code.index("```")], "README.md", "exec"), {})
     assert "warehouse" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Datasets of kw train: digits, CIFAR python folders, ImageFolder trees, and the epoch batches."""
+
 from __future__ import annotations
 
 import pickle
@@ -107,6 +108,7 @@ def test_bad_data_paths_name_the_problem(tmp_path, case):
     elif case == "no_val":
         write_image_folder(path)
         import shutil
+
         shutil.rmtree(path / "val")
     elif case == "bad_labels":
         path.mkdir()

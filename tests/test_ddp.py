@@ -1,4 +1,5 @@
 """kw train under torchrun: two CPU processes, DDP over gloo; ranks agree, rank 0 alone writes."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,42 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def test_two_process_ddp_training(tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "kernelwarehouse.cli", "train", "--model", "kw_resnet18", "--budget", "1/2", "--data", "digits",
-               "--epochs", "2", "--batch-size", "8", "--temp-epochs", "1", "--limit-train", "64", "--limit-val", "17",
-               "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu", "--output", str(output), "--log-interval", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kernelwarehouse.cli",
+        "train",
+        "--model",
+        "kw_resnet18",
+        "--budget",
+        "1/2",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--temp-epochs",
+        "1",
+        "--limit-train",
+        "64",
+        "--limit-val",
+        "17",
+        "--model-kwargs",
+        "channels=(4,8,16,32)",
+        "stem_width=4",
+        "--device",
+        "cpu",
+        "--output",
+        str(output),
+        "--log-interval",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

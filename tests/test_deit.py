@@ -1,4 +1,5 @@
 """DeiT: the static models equal timm's; KernelWarehouse DeiT shares warehouses by layer kind."""
+
 import pytest
 import torch
 
@@ -10,14 +11,15 @@ def params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, timm_name", [("deit_tiny", "deit_tiny_patch16_224"),
-                                             ("deit_small", "deit_small_patch16_224")])
+@pytest.mark.parametrize(
+    "name, timm_name", [("deit_tiny", "deit_tiny_patch16_224"), ("deit_small", "deit_small_patch16_224")]
+)
 def test_static_deit_is_timm_deit(name, timm_name):
     timm = pytest.importorskip("timm")
     reference = timm.create_model(timm_name).eval()
     ours = kw.create_model(name).eval()
     assert type(ours) is type(reference)
-    ours.load_state_dict(reference.state_dict(), strict=True)   # same names, same shapes
+    ours.load_state_dict(reference.state_dict(), strict=True)  # same names, same shapes
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -35,8 +37,11 @@ def test_kw_deit_tiny_layer_assignment_and_size(budget):
         assert w.num_cells == 12 * cells[w.name] * budget
     assert all(isinstance(model.get_submodule(f"blocks.{i}.mlp.fc2"), KWLinear) for i in range(12))
     assert isinstance(model.head, torch.nn.Linear) and isinstance(model.patch_embed.proj, torch.nn.Conv2d)
-    block_linears = sum(m.weight.numel() for n, m in static.named_modules()
-                        if n.startswith("blocks.") and isinstance(m, torch.nn.Linear))
+    block_linears = sum(
+        m.weight.numel()
+        for n, m in static.named_modules()
+        if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)
+    )
     assert params(model) == params(static) - block_linears + plan.num_parameters
 
 

@@ -1,4 +1,5 @@
 """Faster R-CNN on KW-ResNet50-FPN: a few training steps on synthetic boxes, then evaluation."""
+
 import math
 
 import pytest
@@ -14,10 +15,14 @@ def synthetic_batch(count: int = 2, size: int = 64):
     for i in range(count):
         image = torch.rand(3, size, size) * 0.1
         x0, y0 = 6 + 10 * i, 8 + 6 * i
-        image[:, y0:y0 + 28, x0:x0 + 24] += 0.8   # a bright box to find
+        image[:, y0 : y0 + 28, x0 : x0 + 24] += 0.8  # a bright box to find
         images.append(image)
-        targets.append({"boxes": torch.tensor([[x0, y0, x0 + 24, y0 + 28]], dtype=torch.float32),
-                        "labels": torch.tensor([1 + i % 2])})
+        targets.append(
+            {
+                "boxes": torch.tensor([[x0, y0, x0 + 24, y0 + 28]], dtype=torch.float32),
+                "labels": torch.tensor([1 + i % 2]),
+            }
+        )
     return images, targets
 
 
@@ -63,7 +68,9 @@ def test_backbone_levels():
 
 def test_maskrcnn_kw_resnet50_fpn_evaluates():
     torch.manual_seed(0)
-    model = kw.detection.maskrcnn_kw_resnet50_fpn(num_classes=2, budget="1/2", min_size=64, max_size=64).eval()
+    model = kw.detection.maskrcnn_kw_resnet50_fpn(
+        num_classes=2, budget="1/2", min_size=64, max_size=64
+    ).eval()
     with torch.no_grad():
         (detections,) = model([torch.rand(3, 64, 64)])
     assert set(detections) == {"boxes", "labels", "scores", "masks"}

@@ -1,4 +1,5 @@
 """Every execution path computes what the reference path (B assembled weights, groups = B) computes."""
+
 from __future__ import annotations
 
 import glob
@@ -8,37 +9,113 @@ import torch
 import torch.nn as nn
 
 import kernelwarehouse as kw
-import kernelwarehouse.core.execution as execution
 import kernelwarehouse.core.paths as paths
 from kernelwarehouse import tuning
-from kernelwarehouse.core.execution import (ConvGeometry, PATHS, choose_path, execution_path, get_execution_path,
-                                            kw_conv, set_execution_path)
+from kernelwarehouse.core.execution import (
+    ConvGeometry,
+    PATHS,
+    choose_path,
+    execution_path,
+    get_execution_path,
+    kw_conv,
+    set_execution_path,
+)
 from kernelwarehouse.core.mix import mix_supported
 from kernelwarehouse.core.paths import LayerCall
 
-FAST_PATHS = ("grouped", "unfold", "mix", "loop", "loop:slices", "loop:sample", "loop:mix", "patches",
-              "patches:slices", "patches:mix", "grouped@torch", "loop:sample@torch", "auto")
+FAST_PATHS = (
+    "grouped",
+    "unfold",
+    "mix",
+    "loop",
+    "loop:slices",
+    "loop:sample",
+    "loop:mix",
+    "patches",
+    "patches:slices",
+    "patches:mix",
+    "grouped@torch",
+    "loop:sample@torch",
+    "auto",
+)
 
 # (layer class, constructor kwargs, input shape)
 CASES = {
-    "conv2d": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, cell_num_ratio=2), (3, 8, 9, 9)),
-    "conv2d_strided_dilated": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=2,
-                                                  dilation=2, bias=False), (3, 8, 11, 10)),
-    "conv2d_blocks": (kw.KWConv2d, dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, cell_inplane_ratio=0.5,
-                                         cell_outplane_ratio=0.5, cell_num_ratio=0.5), (2, 8, 7, 7)),
-    "conv2d_whole_kernel_cells": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3, padding=1,
-                                                     spatial_partition=False, cell_num_ratio=4), (2, 8, 6, 6)),
-    "conv2d_groups": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4), (2, 8, 6, 6)),
-    "conv2d_depthwise": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=5, padding="same", groups=8), (3, 8, 7, 7)),
-    "conv2d_pointwise_strided": (kw.KWConv2d, dict(in_channels=8, out_channels=16, kernel_size=1, stride=2), (4, 8, 7, 7)),
-    "conv2d_reflect_same_even": (kw.KWConv2d, dict(in_channels=4, out_channels=6, kernel_size=4, padding="same",
-                                                    padding_mode="reflect"), (2, 4, 8, 8)),
-    "conv2d_batch1": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, norm="layer"), (1, 8, 6, 6)),
-    "conv1d": (kw.KWConv1d, dict(in_channels=6, out_channels=10, kernel_size=5, stride=2, padding=2), (3, 6, 17)),
-    "conv1d_batch1": (kw.KWConv1d, dict(in_channels=6, out_channels=6, kernel_size=3, norm="layer"), (1, 6, 9)),
-    "conv3d": (kw.KWConv3d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, cell_num_ratio=2), (2, 4, 5, 5, 4)),
-    "conv3d_groups_batch1": (kw.KWConv3d, dict(in_channels=4, out_channels=4, kernel_size=(1, 3, 3), padding=(0, 1, 1),
-                                               groups=2, norm="layer"), (1, 4, 3, 5, 5)),
+    "conv2d": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, cell_num_ratio=2),
+        (3, 8, 9, 9),
+    ),
+    "conv2d_strided_dilated": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=2, dilation=2, bias=False),
+        (3, 8, 11, 10),
+    ),
+    "conv2d_blocks": (
+        kw.KWConv2d,
+        dict(
+            in_channels=8,
+            out_channels=16,
+            kernel_size=3,
+            padding=1,
+            cell_inplane_ratio=0.5,
+            cell_outplane_ratio=0.5,
+            cell_num_ratio=0.5,
+        ),
+        (2, 8, 7, 7),
+    ),
+    "conv2d_whole_kernel_cells": (
+        kw.KWConv2d,
+        dict(
+            in_channels=8, out_channels=8, kernel_size=3, padding=1, spatial_partition=False, cell_num_ratio=4
+        ),
+        (2, 8, 6, 6),
+    ),
+    "conv2d_groups": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4),
+        (2, 8, 6, 6),
+    ),
+    "conv2d_depthwise": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=5, padding="same", groups=8),
+        (3, 8, 7, 7),
+    ),
+    "conv2d_pointwise_strided": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=16, kernel_size=1, stride=2),
+        (4, 8, 7, 7),
+    ),
+    "conv2d_reflect_same_even": (
+        kw.KWConv2d,
+        dict(in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="reflect"),
+        (2, 4, 8, 8),
+    ),
+    "conv2d_batch1": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, norm="layer"),
+        (1, 8, 6, 6),
+    ),
+    "conv1d": (
+        kw.KWConv1d,
+        dict(in_channels=6, out_channels=10, kernel_size=5, stride=2, padding=2),
+        (3, 6, 17),
+    ),
+    "conv1d_batch1": (
+        kw.KWConv1d,
+        dict(in_channels=6, out_channels=6, kernel_size=3, norm="layer"),
+        (1, 6, 9),
+    ),
+    "conv3d": (
+        kw.KWConv3d,
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, cell_num_ratio=2),
+        (2, 4, 5, 5, 4),
+    ),
+    "conv3d_groups_batch1": (
+        kw.KWConv3d,
+        dict(in_channels=4, out_channels=4, kernel_size=(1, 3, 3), padding=(0, 1, 1), groups=2, norm="layer"),
+        (1, 4, 3, 5, 5),
+    ),
     "linear_tokens": (kw.KWLinear, dict(in_features=12, out_features=20, cell_inplane_ratio=0.5), (3, 5, 12)),
     "linear": (kw.KWLinear, dict(in_features=16, out_features=10, bias=False), (4, 16)),
     "linear_batch1": (kw.KWLinear, dict(in_features=16, out_features=10, norm="layer"), (1, 16)),
@@ -111,8 +188,8 @@ def test_grouped_backward_keeps_no_per_sample_weights():
     weights = batch * 16 * 16 * 9
     reference = saved_numels(layer, x, "reference")
     lean = saved_numels(layer, x, "grouped")
-    assert max(reference) >= weights          # the reference keeps the B assembled weights
-    assert max(lean) < weights                 # the recomputing backward does not
+    assert max(reference) >= weights  # the reference keeps the B assembled weights
+    assert max(lean) < weights  # the recomputing backward does not
     assert sum(lean) <= sum(reference) - weights
 
 
@@ -135,7 +212,7 @@ def test_choose_path_by_shape():
     assert choose_path(point, (10, 64, 32, 1, 1), 1, 100) == "grouped"
     # elsewhere (a GPU): mixing beats assembling where the map is small against the warehouse
     assert choose_path(last, cells, 16, 49, "cuda") == "mix"
-    assert choose_path(last, cells, 1, 49, "cuda") == "grouped"     # one sample: assembling writes little
+    assert choose_path(last, cells, 1, 49, "cuda") == "grouped"  # one sample: assembling writes little
     assert choose_path(last, cells, 16, 56 * 56, "cuda") == "grouped"
     assert choose_path(point, (10, 64, 32, 1, 1), 8, 100, "cuda") == "unfold"
     assert choose_path(point, (10, 64, 32, 1, 1), 1, 100, "cuda") == "grouped"
@@ -150,14 +227,24 @@ def test_execution_path_setting():
     with execution_path("loop:slices"):
         assert get_execution_path() == "loop:slices"
     assert get_execution_path() == "auto"
-    assert set(PATHS) == {"auto", "reference", "grouped", "unfold", "conv", "mix", "loop", "patches", "triton"}
+    assert set(PATHS) == {
+        "auto",
+        "reference",
+        "grouped",
+        "unfold",
+        "conv",
+        "mix",
+        "loop",
+        "patches",
+        "triton",
+    }
     with pytest.raises(ValueError, match="execution path must be 'auto', one of"):
         set_execution_path("fast")
     with pytest.raises(ValueError, match="loop:slices"):
         set_execution_path("loop:fast")
     with pytest.raises(ValueError):
-        set_execution_path("grouped:slices")   # only loop and patches have backward forms
-    with execution_path("loop:slices@torch"):   # PyTorch's products in place of the native kernels
+        set_execution_path("grouped:slices")  # only loop and patches have backward forms
+    with execution_path("loop:slices@torch"):  # PyTorch's products in place of the native kernels
         assert get_execution_path() == "loop:slices@torch"
     with pytest.raises(ValueError):
         set_execution_path("loop@fast")
@@ -171,7 +258,9 @@ def test_kw_conv_matches_layer_forward():
         direct = kw_conv(x, attention, layer.warehouse.weight, layer.bias, layer._geometry, "reference")
         assert torch.equal(direct, layer(x)) or relative(layer(x), direct) < 1e-6
         weights = layer.assemble(x.mean(dim=(2, 3)))
-        static = torch.stack([nn.functional.conv2d(x[b:b + 1], weights[b], layer.bias, padding=1)[0] for b in range(2)])
+        static = torch.stack(
+            [nn.functional.conv2d(x[b : b + 1], weights[b], layer.bias, padding=1)[0] for b in range(2)]
+        )
         assert relative(direct, static) < 1e-5
 
 
@@ -182,6 +271,7 @@ FIXTURES = sorted(glob.glob("/work/shared/fixtures/official/*.pt"))
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_reference_fixtures_reproduce_on_every_path(path):
     from kernelwarehouse.compat import load_reference_state_dict, model_from_reference_config
+
     for fixture in FIXTURES:
         data = torch.load(fixture, weights_only=False)
         model = model_from_reference_config(data["config"])
@@ -197,13 +287,14 @@ def test_reference_fixtures_reproduce_on_every_path(path):
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_groups", "linear_tokens"])
 def test_recomputing_path_in_chunks_of_the_batch(monkeypatch, case):
     import kernelwarehouse.core.per_sample as per_sample
+
     torch.manual_seed(2)
     cls, kwargs, shape = CASES[case]
     layer = cls(**kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
     weight_numel = torch.Size(layer.weight_shape).numel()
-    monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", weight_numel)   # one sample per chunk
+    monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", weight_numel)  # one sample per chunk
     assert len(per_sample.batch_chunks(shape[0], weight_numel)) > 1
     for path in ("grouped", "unfold"):
         out, grads = run(layer, x, path)
@@ -219,7 +310,7 @@ def test_loop_path_in_slices_of_output_channels(monkeypatch, case):
     layer = cls(**kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
-    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)   # slices of 16 output channels
+    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)  # slices of 16 output channels
     for path in ("loop", "loop:sample", "loop:slices", "patches", "patches:sample"):
         out, grads = run(layer, x, path)
         assert relative(out, ref_out) < 1e-5
@@ -231,16 +322,26 @@ def test_loop_path_backward_in_mix_form(monkeypatch, chunked):
     """``loop:mix`` runs the loop forward and the mix form's backward, which builds no weight; the
     rule takes it where the map is small against the warehouse and slices are not taken."""
     import kernelwarehouse.core.recompute as recompute
+
     torch.manual_seed(6)
-    layer = kw.KWConv2d(16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5,
-                        cell_inplane_ratio=0.5).double().train()
+    layer = (
+        kw.KWConv2d(
+            16, 32, 3, stride=2, padding=1, cell_num_ratio=4, cell_outplane_ratio=0.5, cell_inplane_ratio=0.5
+        )
+        .double()
+        .train()
+    )
     x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
-    call = LayerCall.of(x.clone().requires_grad_(), torch.zeros(4, 1, 1, requires_grad=True),
-                        layer.warehouse.weight, layer._geometry)
+    call = LayerCall.of(
+        x.clone().requires_grad_(),
+        torch.zeros(4, 1, 1, requires_grad=True),
+        layer.warehouse.weight,
+        layer._geometry,
+    )
     assert paths.mix_is_cheap(layer._geometry, layer.warehouse.weight.shape, 9)
     ref_out, ref_grads = run(layer, x, "reference")
     if chunked:
-        monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", 1)   # one sample per chunk
+        monkeypatch.setattr(tuning, "CHUNK_ELEMENTS", 1)  # one sample per chunk
     monkeypatch.setattr(tuning, "SLICED_MAX_POSITIONS", 0)
     assert paths.loop_backward_rule(call) == "mix"
     calls = []
@@ -258,14 +359,15 @@ def test_loop_backward_by_slices_or_by_sample(monkeypatch, case, by_slices):
     """The loop path's backward by slices of output channels and sample by sample both give the
     reference gradients; the rule takes slices on small maps without groups."""
     import kernelwarehouse.core.loop as loop
+
     torch.manual_seed(8)
     cls, kwargs, shape = CASES[case]
     layer = cls(**{**kwargs, "out_channels": 32}).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     ref_out, ref_grads = run(layer, x, "reference")
-    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)   # several slices of 16 output channels
-    monkeypatch.setattr(tuning, "MIX_ADVANTAGE", 0)          # the rule never takes the mix form
-    monkeypatch.setattr(tuning, "SLICED_MAX_POSITIONS", 10 ** 6 if by_slices else 0)
+    monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)  # several slices of 16 output channels
+    monkeypatch.setattr(tuning, "MIX_ADVANTAGE", 0)  # the rule never takes the mix form
+    monkeypatch.setattr(tuning, "SLICED_MAX_POSITIONS", 10**6 if by_slices else 0)
     sliced = []
     original = loop._backward_by_slices
     monkeypatch.setattr(loop, "_backward_by_slices", lambda *a: sliced.append(1) or original(*a))
@@ -280,8 +382,11 @@ def test_loop_backward_by_slices_or_by_sample(monkeypatch, case, by_slices):
 @pytest.mark.parametrize("path", ["reference", "grouped", "unfold", "mix", "loop", "patches"])
 def test_autocast_bfloat16_training_step(path):
     torch.manual_seed(3)
-    model = nn.Sequential(kw.KWConv2d(4, 8, 3, padding=1, norm="layer"), nn.ReLU(),
-                          kw.KWConv2d(8, 8, 1, norm="layer", cell_num_ratio=2)).train()
+    model = nn.Sequential(
+        kw.KWConv2d(4, 8, 3, padding=1, norm="layer"),
+        nn.ReLU(),
+        kw.KWConv2d(8, 8, 1, norm="layer", cell_num_ratio=2),
+    ).train()
     x = torch.randn(3, 4, 5, 5)
     model(x).square().mean().backward()
     full = [p.grad.clone() for p in model.parameters()]
@@ -299,10 +404,14 @@ def test_autocast_bfloat16_training_step(path):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv_per_sample_matches_a_loop_and_traces_batch_free(batch):
     from kernelwarehouse.core.execution import conv_per_sample
+
     torch.manual_seed(4)
     x, weight, bias = torch.randn(batch, 6, 7, 7), torch.randn(batch, 4, 3, 3, 3), torch.randn(4)
-    loop = torch.cat([nn.functional.conv2d(x[b:b + 1], weight[b], bias, 2, 1, 1, 2) for b in range(batch)])
+    loop = torch.cat([nn.functional.conv2d(x[b : b + 1], weight[b], bias, 2, 1, 1, 2) for b in range(batch)])
     assert relative(conv_per_sample(x, weight, bias, (2, 2), (1, 1), (1, 1), 2), loop) < 1e-5
-    traced = torch.jit.trace(lambda a, w: conv_per_sample(a, w, bias, (2, 2), (1, 1), (1, 1), 2),
-                             (torch.randn(2, 6, 7, 7), torch.randn(2, 4, 3, 3, 3)), check_trace=False)
+    traced = torch.jit.trace(
+        lambda a, w: conv_per_sample(a, w, bias, (2, 2), (1, 1), (1, 1), 2),
+        (torch.randn(2, 6, 7, 7), torch.randn(2, 4, 3, 3, 3)),
+        check_trace=False,
+    )
     assert relative(traced(x, weight), loop) < 1e-5

@@ -1,4 +1,5 @@
 """ONNX export in each graph form (checked in onnxruntime), BatchNorm folding, TorchScript tracing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,8 +62,9 @@ def test_onnx_dynamic_batch_matches_pytorch(tmp_path, name, budget, form, monkey
 def test_onnx_fixed_batch_matches_pytorch(tmp_path, name, budget, form, batch, monkeypatch):
     monkeypatch.setattr(tuning, "EXPORT_LOOP_CHUNK", 2)
     model = _model(name, budget)
-    path = kw.export_onnx(model, tmp_path / "m.onnx", torch.randn(batch, 3, 32, 32), form=form,
-                          dynamic_batch=False)
+    path = kw.export_onnx(
+        model, tmp_path / "m.onnx", torch.randn(batch, 3, 32, 32), form=form, dynamic_batch=False
+    )
     dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [batch, 3, 32, 32]
     _check(_session(path), model, batch)
@@ -77,14 +79,16 @@ def test_onnx_convnext_default_form_matches_pytorch(tmp_path):
 
 def test_grouped_export_is_plain_convolutions_without_batchnorm(tmp_path):
     model = _model("kw_resnet18", 1)
-    path = kw.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), form="grouped",
-                          dynamic_batch=False)
+    path = kw.export_onnx(
+        model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), form="grouped", dynamic_batch=False
+    )
     graph = onnx.load(path).graph
     ops = [node.op_type for node in graph.node]
     assert "BatchNormalization" not in ops
     assert ops.count("Conv") == 20  # every convolution, static and KW, once
-    groups = [a.i for node in graph.node if node.op_type == "Conv"
-              for a in node.attribute if a.name == "group"]
+    groups = [
+        a.i for node in graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "group"
+    ]
     assert all(g == 1 for g in groups)
     # each warehouse's cells are in the graph once, not once per layer that mixes them
     sizes = sorted(int(np.prod(t.dims)) for t in graph.initializer)
@@ -191,16 +195,20 @@ def test_torchscript_trace_runs_at_any_batch_size(tmp_path):
         assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("grid, weight_shape, cell_shape", [
-    ((9, 2, 1), (16, 8, 3, 3), (10, 8, 8, 1, 1)),   # cells of a kernel position, output blocks
-    ((9, 2, 3), (16, 24, 3, 3), (10, 8, 8, 1, 1)),  # ... and input blocks
-    ((9, 3, 1), (12, 1, 3, 3), (6, 4, 1, 1, 1)),    # depthwise
-    ((1, 3, 2), (24, 32, 1, 1), (7, 8, 16, 1, 1)),  # whole kernels, output and input blocks
-    ((1, 4, 1), (32, 8, 1, 1), (7, 8, 8, 1, 1)),    # whole kernels, output blocks
-    ((1, 2, 3), (16, 24, 3, 3), (20, 8, 8, 3, 3)),  # whole 3x3 kernels
-])
+@pytest.mark.parametrize(
+    "grid, weight_shape, cell_shape",
+    [
+        ((9, 2, 1), (16, 8, 3, 3), (10, 8, 8, 1, 1)),  # cells of a kernel position, output blocks
+        ((9, 2, 3), (16, 24, 3, 3), (10, 8, 8, 1, 1)),  # ... and input blocks
+        ((9, 3, 1), (12, 1, 3, 3), (6, 4, 1, 1, 1)),  # depthwise
+        ((1, 3, 2), (24, 32, 1, 1), (7, 8, 16, 1, 1)),  # whole kernels, output and input blocks
+        ((1, 4, 1), (32, 8, 1, 1), (7, 8, 8, 1, 1)),  # whole kernels, output blocks
+        ((1, 2, 3), (16, 24, 3, 3), (20, 8, 8, 3, 3)),  # whole 3x3 kernels
+    ],
+)
 def test_assembly_in_weight_order_equals_assembly(grid, weight_shape, cell_shape):
     from kernelwarehouse.core.assembly import assemble_in_weight_order, assemble_weights
+
     mixture = torch.randn(3, grid[0] * grid[1] * grid[2], cell_shape[0])
     cells = torch.randn(cell_shape)
     expected = assemble_weights(mixture, cells, grid, weight_shape)

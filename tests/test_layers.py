@@ -14,10 +14,24 @@ CONV_CASES = [
     (kw.KWConv1d, 4, 6, 5, dict(stride=2, dilation=2, padding=3), (17,), dict(cell_num_ratio=2)),
     (kw.KWConv2d, 8, 12, 3, dict(padding=1), (7, 9), {}),
     (kw.KWConv2d, 8, 12, 3, dict(stride=2, padding=(1, 0), bias=False), (9, 8), dict(cell_num_ratio=4)),
-    (kw.KWConv2d, 8, 8, 3, dict(padding="same", dilation=2), (6, 7), dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5,
-                                                                        cell_outplane_ratio=0.5)),
-    (kw.KWConv2d, 12, 6, (3, 1), dict(groups=3, padding=(1, 0)), (5, 5), dict(cell_num_ratio=0.25,
-                                                                             cell_inplane_ratio=0.5)),
+    (
+        kw.KWConv2d,
+        8,
+        8,
+        3,
+        dict(padding="same", dilation=2),
+        (6, 7),
+        dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
+    ),
+    (
+        kw.KWConv2d,
+        12,
+        6,
+        (3, 1),
+        dict(groups=3, padding=(1, 0)),
+        (5, 5),
+        dict(cell_num_ratio=0.25, cell_inplane_ratio=0.5),
+    ),
     (kw.KWConv2d, 6, 6, 5, dict(groups=6, padding=2), (5, 6), {}),  # depthwise
     (kw.KWConv2d, 6, 12, 3, dict(groups=6, padding=1, padding_mode="reflect"), (5, 6), {}),
     (kw.KWConv2d, 5, 7, 3, dict(padding=1), (5, 5), dict(spatial_partition=False)),
@@ -41,7 +55,11 @@ def _randomise(layer):
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0].__name__}-{c[1]}-{c[2]}-{c[3]}-{sorted(c[4].items())}-{sorted(c[6].items())}")
+@pytest.mark.parametrize(
+    "case",
+    CONV_CASES,
+    ids=lambda c: f"{c[0].__name__}-{c[1]}-{c[2]}-{c[3]}-{sorted(c[4].items())}-{sorted(c[6].items())}",
+)
 def test_conv_matches_per_sample_loops(case, tau):
     cls, cin, cout, k, kwargs, spatial, ratios = case
     layer = _randomise(cls(cin, cout, k, **kwargs, **ratios)).double().eval()
@@ -55,7 +73,9 @@ def test_conv_matches_per_sample_loops(case, tau):
 
 
 @pytest.mark.parametrize("shape", [(3, 10), (2, 5, 10), (2, 3, 4, 10)])
-@pytest.mark.parametrize("ratios", [{}, dict(cell_num_ratio=4), dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5)])
+@pytest.mark.parametrize(
+    "ratios", [{}, dict(cell_num_ratio=4), dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5)]
+)
 def test_linear_matches_per_sample_loops(shape, ratios):
     layer = _randomise(kw.KWLinear(10, 6, **ratios)).double().eval()
     kw.set_temperature(layer, 0.3)
@@ -85,10 +105,14 @@ def test_gradcheck_input_warehouse_and_attention(norm):
 
 
 def test_gradcheck_nonlocal_basis_and_linear():
-    conv = kw.KWConv1d(8, 8, 1, cell_num_ratio=0.5, cell_inplane_ratio=0.5, nonlocal_basis_ratio=0.5,
-                       norm="layer").double()
+    conv = kw.KWConv1d(
+        8, 8, 1, cell_num_ratio=0.5, cell_inplane_ratio=0.5, nonlocal_basis_ratio=0.5, norm="layer"
+    ).double()
     lin = kw.KWLinear(6, 4, norm="none", cell_num_ratio=2).double()
-    for layer, x in ((conv, torch.randn(2, 8, 3, dtype=torch.float64)), (lin, torch.randn(3, 2, 6, dtype=torch.float64))):
+    for layer, x in (
+        (conv, torch.randn(2, 8, 3, dtype=torch.float64)),
+        (lin, torch.randn(3, 2, 6, dtype=torch.float64)),
+    ):
         _randomise(layer)
         kw.set_temperature(layer, 0.5)
         names = [n for n, _ in layer.named_parameters()]
@@ -119,8 +143,11 @@ def test_bad_arguments_are_rejected():
         kw.KWConv2d(4, 4, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match="padding_mode"):
         kw.KWConv2d(4, 4, 3, padding_mode="mirror")
-    with pytest.raises(ValueError, match=r"expects a batched 4-d input \(B, 16, \.\.\., \.\.\.\) with 16 channels, "
-                                         r"got shape \(2, 8, 8, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expects a batched 4-d input \(B, 16, \.\.\., \.\.\.\) with 16 channels, "
+        r"got shape \(2, 8, 8, 8\)",
+    ):
         kw.KWConv2d(16, 32, 3)(torch.randn(2, 8, 8, 8))
     with pytest.raises(ValueError, match="expects a batched 4-d input"):
         kw.KWConv2d(4, 4, 3).eval()(torch.randn(4, 5, 5))

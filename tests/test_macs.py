@@ -1,4 +1,5 @@
 """The MAC counter sees weight assembly and attention (SPEC section 4 figures)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,10 @@ import kernelwarehouse as kw
 from kernelwarehouse.bench import count_macs
 
 
-@pytest.mark.parametrize("name, budget, expected", [
-    ("resnet18", None, 1.814e9), ("kw_resnet18", 1, 2.199e9), ("kw_resnet18", 4, 3.354e9)])
+@pytest.mark.parametrize(
+    "name, budget, expected",
+    [("resnet18", None, 1.814e9), ("kw_resnet18", 1, 2.199e9), ("kw_resnet18", 4, 3.354e9)],
+)
 def test_resnet18_macs_match_the_paper_cost_model(name, budget, expected):
     model = kw.create_model(name, budget=budget) if budget else kw.create_model(name)
     macs = count_macs(model, (3, 224, 224))
@@ -18,12 +21,14 @@ def test_resnet18_macs_match_the_paper_cost_model(name, budget, expected):
     if budget:
         assert macs.assembly > 0 and macs.attention > 0
         static = count_macs(kw.create_model("resnet18"), (3, 224, 224))
-        assert macs.layers == static.total          # the convolutions cost what the static model's do
+        assert macs.layers == static.total  # the convolutions cost what the static model's do
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, budget, expected", [
-    ("resnet50", None, 4.087e9), ("kw_resnet50", 1, 6.127e9), ("kw_resnet50", 4, 12.237e9)])
+@pytest.mark.parametrize(
+    "name, budget, expected",
+    [("resnet50", None, 4.087e9), ("kw_resnet50", 1, 6.127e9), ("kw_resnet50", 4, 12.237e9)],
+)
 def test_resnet50_macs_match_the_paper_cost_model(name, budget, expected):
     model = kw.create_model(name, budget=budget) if budget else kw.create_model(name)
     assert abs(count_macs(model, (3, 224, 224)).total - expected) / expected < 0.01
@@ -54,7 +59,11 @@ def test_a_sample_shape_a_batched_shape_or_an_example_tensor():
     model = kw.create_model("kw_resnet18", budget=1, small_input=True, num_classes=10)
     per_sample = count_macs(model, (3, 16, 16))
     assert count_macs(model, (1, 3, 16, 16)) == per_sample == count_macs(model, (5, 3, 16, 16))
-    assert count_macs(model, torch.randn(2, 3, 16, 16)) == per_sample == count_macs(model, torch.randn(3, 16, 16))
+    assert (
+        count_macs(model, torch.randn(2, 3, 16, 16))
+        == per_sample
+        == count_macs(model, torch.randn(3, 16, 16))
+    )
     with pytest.raises(ValueError, match=r"first convolution \(conv1, 2-d\) takes samples of 3 dimensions"):
         count_macs(model, (1, 1, 3, 16, 16))
     with pytest.raises(ValueError, match="example tensor"):

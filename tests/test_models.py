@@ -6,15 +6,26 @@ from kernelwarehouse.models import parse_budget
 
 # sum(p.numel()) of the reference implementation's models, ImageNet heads (SPEC section 3)
 REFERENCE_COUNTS = [
-    ("resnet18", None, 11689512), ("kw_resnet18", "1/4", 4031768), ("kw_resnet18", "1/2", 7431044),
-    ("kw_resnet18", 1, 11932148), ("kw_resnet18", 2, 23242127), ("kw_resnet18", 4, 45862085),
-    ("resnet50", None, 25557032), ("kw_resnet50", "1/2", 17638264), ("kw_resnet50", 1, 28052310),
+    ("resnet18", None, 11689512),
+    ("kw_resnet18", "1/4", 4031768),
+    ("kw_resnet18", "1/2", 7431044),
+    ("kw_resnet18", 1, 11932148),
+    ("kw_resnet18", 2, 23242127),
+    ("kw_resnet18", 4, 45862085),
+    ("resnet50", None, 25557032),
+    ("kw_resnet50", "1/2", 17638264),
+    ("kw_resnet50", 1, 28052310),
     ("kw_resnet50", 4, 102015144),
-    ("mobilenetv2_100", None, 3504872), ("kw_mobilenetv2_100", "1/2", 2654396),
-    ("kw_mobilenetv2_100", 1, 5168146), ("kw_mobilenetv2_100", 4, 11379382),
-    ("mobilenetv2_050", None, 1968680), ("kw_mobilenetv2_050", "1/2", 1466888),
-    ("kw_mobilenetv2_050", 1, 2854522), ("kw_mobilenetv2_050", 4, 4648587),
-    ("convnext_tiny", None, 28589128), ("kw_convnext_tiny", 1, 39370674),
+    ("mobilenetv2_100", None, 3504872),
+    ("kw_mobilenetv2_100", "1/2", 2654396),
+    ("kw_mobilenetv2_100", 1, 5168146),
+    ("kw_mobilenetv2_100", 4, 11379382),
+    ("mobilenetv2_050", None, 1968680),
+    ("kw_mobilenetv2_050", "1/2", 1466888),
+    ("kw_mobilenetv2_050", 1, 2854522),
+    ("kw_mobilenetv2_050", 4, 4648587),
+    ("convnext_tiny", None, 28589128),
+    ("kw_convnext_tiny", 1, 39370674),
 ]
 
 
@@ -26,13 +37,32 @@ def test_parameter_counts_equal_the_reference(name, budget, expected):
 
 def test_list_models():
     names = kw.list_models()
-    for name in ("resnet18", "resnet50", "mobilenetv2_100", "mobilenetv2_050", "convnext_tiny", "kw_resnet18",
-                 "kw_resnet50", "kw_mobilenetv2_100", "kw_mobilenetv2_050", "kw_convnext_tiny"):
+    for name in (
+        "resnet18",
+        "resnet50",
+        "mobilenetv2_100",
+        "mobilenetv2_050",
+        "convnext_tiny",
+        "kw_resnet18",
+        "kw_resnet50",
+        "kw_mobilenetv2_100",
+        "kw_mobilenetv2_050",
+        "kw_convnext_tiny",
+    ):
         assert name in names
 
 
-@pytest.mark.parametrize("name,budget", [("kw_resnet18", 0.5), ("kw_resnet50", 0.5), ("kw_mobilenetv2_050", 0.5),
-                                         ("kw_mobilenetv2_100", 4), ("kw_convnext_tiny", 1), ("resnet18", None)])
+@pytest.mark.parametrize(
+    "name,budget",
+    [
+        ("kw_resnet18", 0.5),
+        ("kw_resnet50", 0.5),
+        ("kw_mobilenetv2_050", 0.5),
+        ("kw_mobilenetv2_100", 4),
+        ("kw_convnext_tiny", 1),
+        ("resnet18", None),
+    ],
+)
 def test_models_run_in_float64_and_float32(name, budget):
     model = kw.create_model(name, budget=budget, num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -1,5 +1,6 @@
 """The native CPU kernels compute what PyTorch's products compute, build once, and step aside where
 they do not apply."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,15 +20,23 @@ from kernelwarehouse.core.assembly import mix_rows, rows_gradient
 from kernelwarehouse.core.execution import execution_path
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
-needs_kernels = pytest.mark.skipif(not sys.platform.startswith("linux") or COMPILER is None,
-                                   reason="native kernels are built on Linux with a C compiler")
+needs_kernels = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or COMPILER is None,
+    reason="native kernels are built on Linux with a C compiler",
+)
 
 
 SUPPORTED = native.supported_variants()
 # every variant this CPU runs (on an AVX-512 CPU all three), each test once per variant
-each_variant = pytest.mark.parametrize("variant", [
-    pytest.param(name, marks=pytest.mark.skipif(name not in SUPPORTED, reason=f"this CPU cannot run {name}"))
-    for name in native.VARIANTS])
+each_variant = pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(
+            name, marks=pytest.mark.skipif(name not in SUPPORTED, reason=f"this CPU cannot run {name}")
+        )
+        for name in native.VARIANTS
+    ],
+)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,26 +97,29 @@ def test_kernels_build_once_into_the_cache(fresh_library):
     assert len(built) == 1 and not list(fresh_library.glob("*.partial"))
     stamp = built[0].stat().st_mtime_ns
     assert native._build(COMPILER, native.variant()) == built[0] and built[0].stat().st_mtime_ns == stamp
-    assert all(native.load(name).variant == name for name in SUPPORTED)   # one library per variant
+    assert all(native.load(name).variant == name for name in SUPPORTED)  # one library per variant
     assert sorted(path.name.split("-")[1] for path in fresh_library.glob("kernels-*.so")) == sorted(SUPPORTED)
     assert native.load(SUPPORTED[0]) is native._library()
 
 
-@pytest.mark.parametrize("flags,machine,best", [
-    ("fpu sse2 avx avx2 fma bmi2 avx512f avx512dq avx512cd avx512bw avx512vl", "x86_64", "avx512"),
-    ("fpu sse2 avx avx2 fma avx512f avx512cd avx512er avx512pf", "x86_64", "avx2"),   # no avx512vl
-    ("fpu sse2 avx avx2 fma", "x86_64", "avx2"),
-    ("fpu sse2 avx avx2 bmi2", "x86_64", "portable"),   # no fma
-    ("fpu sse2 avx fma", "x86_64", "portable"),         # no avx2
-    ("", "x86_64", "portable"),
-    ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp", "aarch64", "portable"),
-    ("avx2 fma avx512f avx512vl", "arm64", "portable"),   # x86 flags count on x86 machines only
-])
+@pytest.mark.parametrize(
+    "flags,machine,best",
+    [
+        ("fpu sse2 avx avx2 fma bmi2 avx512f avx512dq avx512cd avx512bw avx512vl", "x86_64", "avx512"),
+        ("fpu sse2 avx avx2 fma avx512f avx512cd avx512er avx512pf", "x86_64", "avx2"),  # no avx512vl
+        ("fpu sse2 avx avx2 fma", "x86_64", "avx2"),
+        ("fpu sse2 avx avx2 bmi2", "x86_64", "portable"),  # no fma
+        ("fpu sse2 avx fma", "x86_64", "portable"),  # no avx2
+        ("", "x86_64", "portable"),
+        ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp", "aarch64", "portable"),
+        ("avx2 fma avx512f avx512vl", "arm64", "portable"),  # x86 flags count on x86 machines only
+    ],
+)
 def test_variant_from_the_cpus_flags(flags, machine, best):
     assert native._select_variant(flags, machine) == best
     supported = native._supported(flags, machine)
     assert supported[0] == best and supported[-1] == "portable"
-    assert supported == tuple(name for name in native.VARIANTS if name in supported)   # best first
+    assert supported == tuple(name for name in native.VARIANTS if name in supported)  # best first
 
 
 def test_supported_variants_of_this_cpu():
@@ -126,7 +138,7 @@ def test_variant_chosen_by_the_environment(relook, monkeypatch, variant):
 
 @needs_kernels
 def test_a_variant_the_cpu_cannot_run_falls_back_with_a_warning(fresh_library, monkeypatch):
-    monkeypatch.setattr(native, "cpu_features", lambda: "fpu sse sse2")   # a CPU without AVX
+    monkeypatch.setattr(native, "cpu_features", lambda: "fpu sse sse2")  # a CPU without AVX
     monkeypatch.setenv("KERNELWAREHOUSE_ISA", "avx512")
     with pytest.warns(RuntimeWarning, match="KERNELWAREHOUSE_ISA=avx512, but this CPU cannot run it"):
         assert native.variant() == "portable"
@@ -147,12 +159,14 @@ def test_unknown_variants_are_refused(relook, monkeypatch):
 @pytest.mark.skipif(len(SUPPORTED) < 2, reason="one variant only on this CPU")
 def test_a_variant_that_fails_to_build_falls_back_to_the_next(fresh_library, monkeypatch):
     monkeypatch.setitem(native._ISA, SUPPORTED[0], (("-mno-such-option",),))
-    with pytest.warns(RuntimeWarning, match=f"using the {SUPPORTED[1]} kernels, as the {SUPPORTED[0]} kernels failed"):
+    with pytest.warns(
+        RuntimeWarning, match=f"using the {SUPPORTED[1]} kernels, as the {SUPPORTED[0]} kernels failed"
+    ):
         assert native.variant() == SUPPORTED[1]
 
 
 def test_failed_build_falls_back_with_a_warning(fresh_library, monkeypatch):
-    monkeypatch.setenv("CC", "false")   # a compiler that always fails
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with pytest.warns(RuntimeWarning, match="native kernels unavailable"):
         assert not native.available() and native.variant() is None
     assert not list(fresh_library.iterdir())
@@ -177,12 +191,14 @@ def test_module_functions_run_the_process_variant():
 
 @needs_kernels
 @each_variant
-@pytest.mark.parametrize("rows,num,length", [(1, 1, 1), (9, 27, 512), (5, 7, 17), (13, 60, 100), (18, 47, 64),
-                                             (2, 3, 530), (144, 56, 36)])
+@pytest.mark.parametrize(
+    "rows,num,length",
+    [(1, 1, 1), (9, 27, 512), (5, 7, 17), (13, 60, 100), (18, 47, 64), (2, 3, 530), (144, 56, 36)],
+)
 def test_mix_rows_matches_float64(kernels, rows, num, length):
     torch.manual_seed(rows * 1000 + length)
     a = torch.randn(rows, num)
-    cells = torch.randn(num, 6, length).transpose(0, 1)   # (c, n, d) with the strides of a warehouse view
+    cells = torch.randn(num, 6, length).transpose(0, 1)  # (c, n, d) with the strides of a warehouse view
     want = torch.einsum("rj,cjd->crd", a.double(), cells.double())
     got = kernels.mix_rows(a, cells)
     assert got.shape == (6, rows, length) and relative(got, want) < 1e-6
@@ -197,7 +213,35 @@ def test_mix_rows_matches_float64(kernels, rows, num, length):
 # every tail of every variant's blocks: rows 1 to 13 (row blocks of 6: 9 rows are 4 + 5), lengths around
 # multiples of 4, 8, 16, 32 and 64 floats (vectors and mix blocks of 4 x 16, 2 x 8, 2 x 4), and one element
 TAIL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13)
-TAIL_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 23, 24, 31, 32, 33, 47, 48, 49, 63, 64, 65, 80, 112, 127, 129)
+TAIL_LENGTHS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    7,
+    8,
+    9,
+    12,
+    15,
+    16,
+    17,
+    23,
+    24,
+    31,
+    32,
+    33,
+    47,
+    48,
+    49,
+    63,
+    64,
+    65,
+    80,
+    112,
+    127,
+    129,
+)
 
 
 @needs_kernels
@@ -208,7 +252,7 @@ def test_mix_rows_every_tail_of_the_blocks(kernels, num):
     for rows in TAIL_ROWS:
         a = torch.randn(rows, num)
         for length in TAIL_LENGTHS:
-            cells = torch.randn(3, num, length + 5)[:, :, 2:-3]   # rows of cells not aligned, strided
+            cells = torch.randn(3, num, length + 5)[:, :, 2:-3]  # rows of cells not aligned, strided
             want = torch.einsum("rj,cjd->crd", a.double(), cells.double())
             assert relative(kernels.mix_rows(a, cells), want) < 1e-6, (rows, length)
             out = torch.randn(3, rows, length + 1)[:, :, 1:]
@@ -235,7 +279,7 @@ def test_mix_rows_of_one_channel_is_shared_by_the_threads(kernels, threads, leng
 @pytest.mark.parametrize("rows,num,length", [(1, 1, 1), (9, 27, 512), (5, 7, 17), (4, 47, 130), (3, 60, 1)])
 def test_rows_gradient_matches_float64_and_repeats_exactly(kernels, threads, rows, num, length):
     torch.manual_seed(rows + num + length)
-    grad = torch.randn(rows, 33, length).transpose(0, 1)   # (c, r, d), channels strided
+    grad = torch.randn(rows, 33, length).transpose(0, 1)  # (c, r, d), channels strided
     cells = torch.randn(33, num, length)
     want = torch.einsum("crd,cjd->rj", grad.double(), cells.double())
     got = kernels.rows_gradient(grad, cells)
@@ -252,8 +296,21 @@ def test_rows_gradient_every_tail_of_the_blocks(kernels, num):
     torch.manual_seed(num)
     with num_threads(2):
         for rows in TAIL_ROWS:
-            for length, channels in [(1, 3), (3, 5), (7, 2), (9, 3), (15, 4), (17, 3), (33, 2), (64, 3), (65, 2),
-                                     (100, 3), (5, 997), (47, 301), (130, 97)]:
+            for length, channels in [
+                (1, 3),
+                (3, 5),
+                (7, 2),
+                (9, 3),
+                (15, 4),
+                (17, 3),
+                (33, 2),
+                (64, 3),
+                (65, 2),
+                (100, 3),
+                (5, 997),
+                (47, 301),
+                (130, 97),
+            ]:
                 grad = torch.randn(channels, rows, length + 3)[:, :, 1:-2]
                 cells = torch.randn(channels, num + 1, length)[:, 1:]
                 want = torch.einsum("crd,cjd->rj", grad.double(), cells.double())
@@ -274,8 +331,8 @@ def test_products_go_native_only_where_that_pays(monkeypatch):
         want = torch.bmm(rows.expand(cells.shape[0], -1, -1), cells)
         assert relative(mix_rows(rows, cells), want) < 1e-6
         assert relative(rows_gradient(want, cells), torch.bmm(want, cells.transpose(1, 2)).sum(0)) < 1e-5
-    assert calls == ["mix_rows", "rows_gradient"]   # the large pair only
-    assert not native.worthwhile(tuning.NATIVE_MIN_MACS - 1, 512) and not native.worthwhile(10 ** 9, 8)
+    assert calls == ["mix_rows", "rows_gradient"]  # the large pair only
+    assert not native.worthwhile(tuning.NATIVE_MIN_MACS - 1, 512) and not native.worthwhile(10**9, 8)
     assert native.worthwhile(tuning.NATIVE_MIN_MACS, 16)
 
 
@@ -289,7 +346,7 @@ def test_applies_only_where_it_computes_the_same():
     with torch.no_grad():
         assert native.applies(leaf, cells)
     traced = torch.jit.trace(lambda r, c: mix_rows(r, c) * 1, (a, cells))
-    assert "bmm" in str(traced.graph)   # recorded as a PyTorch product, not a foreign call
+    assert "bmm" in str(traced.graph)  # recorded as a PyTorch product, not a foreign call
     assert torch.allclose(traced(a, cells), mix_rows(a, cells), rtol=1e-5, atol=1e-5)
 
 
@@ -311,20 +368,37 @@ def test_kernels_share_pytorchs_openmp_runtime(tmp_path):
     env = {**os.environ, "KERNELWAREHOUSE_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "0"]   # torch's runtime, and no second one
+    assert done.stdout.split() == ["1", "0"]  # torch's runtime, and no second one
 
 
 @needs_kernels
-@pytest.mark.parametrize("kwargs,shape", [
-    (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1, cell_num_ratio=2), (3, 16, 7, 7)),
-    (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1, cell_inplane_ratio=0.5,
-          cell_outplane_ratio=0.5), (2, 16, 6, 6)),
-    (dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, spatial_partition=False), (2, 16, 6, 6)),
-    (dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=2), (2, 16, 6, 6)),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1, cell_num_ratio=2), (3, 16, 7, 7)),
+        (
+            dict(
+                in_channels=16,
+                out_channels=64,
+                kernel_size=3,
+                padding=1,
+                cell_inplane_ratio=0.5,
+                cell_outplane_ratio=0.5,
+            ),
+            (2, 16, 6, 6),
+        ),
+        (
+            dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, spatial_partition=False),
+            (2, 16, 6, 6),
+        ),
+        (dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=2), (2, 16, 6, 6)),
+    ],
+)
 @pytest.mark.parametrize("slices", [False, True])
 @pytest.mark.parametrize("backward_by_slices", [False, True])
-def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs, shape, slices, backward_by_slices):
+def test_loop_path_float32_training_equals_pytorch_products(
+    monkeypatch, kwargs, shape, slices, backward_by_slices
+):
     torch.manual_seed(7)
     layer = kw.KWConv2d(**kwargs, norm="layer").train()
     with torch.no_grad():
@@ -333,8 +407,8 @@ def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs,
     x = torch.randn(shape)
     if slices:
         monkeypatch.setattr(tuning, "LOOP_SLICE_ELEMENTS", 1)
-    path = "loop:slices" if backward_by_slices else "loop:sample"   # the per-sample backward, or by slices
-    monkeypatch.setattr(tuning, "NATIVE_MIN_MACS", 0)   # small layers: every product native
+    path = "loop:slices" if backward_by_slices else "loop:sample"  # the per-sample backward, or by slices
+    monkeypatch.setattr(tuning, "NATIVE_MIN_MACS", 0)  # small layers: every product native
     monkeypatch.setattr(tuning, "NATIVE_MIN_LENGTH", 0)
 
     def step(use_native: bool) -> list[torch.Tensor]:
@@ -353,6 +427,7 @@ def test_loop_path_float32_training_equals_pytorch_products(monkeypatch, kwargs,
         def counted(*args, **kwargs):
             calls.append(kernel.__name__)
             return kernel(*args, **kwargs)
+
         return counted
 
     with monkeypatch.context() as patch:

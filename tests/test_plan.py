@@ -29,7 +29,7 @@ def test_resnet18_quarter_budget_halves_the_cells():
 
 def test_stage_handover():
     plan = resnet18_plan(1)
-    assert plan.layer("layer2.0.conv1").warehouse == "stage0_layer_conv"      # input width 64
+    assert plan.layer("layer2.0.conv1").warehouse == "stage0_layer_conv"  # input width 64
     assert plan.layer("layer2.0.downsample.0").warehouse == "stage0_layer_conv"
     assert plan.layer("layer2.0.conv2").warehouse == "stage1_layer_conv"
     plan50 = kw.plan_of(kw.create_model("kw_resnet50", budget=1))
@@ -38,9 +38,19 @@ def test_stage_handover():
     assert "layer2.0.downsample.0" in names
 
 
-@pytest.mark.parametrize("name,budget", [("kw_resnet18", 0.25), ("kw_resnet18", 4), ("kw_resnet50", 0.5),
-                                         ("kw_mobilenetv2_050", 0.5), ("kw_mobilenetv2_100", 1),
-                                         ("kw_convnext_tiny", 1), ("kw_resnet18", 1.5), ("kw_resnet18", 0.3)])
+@pytest.mark.parametrize(
+    "name,budget",
+    [
+        ("kw_resnet18", 0.25),
+        ("kw_resnet18", 4),
+        ("kw_resnet50", 0.5),
+        ("kw_mobilenetv2_050", 0.5),
+        ("kw_mobilenetv2_100", 1),
+        ("kw_convnext_tiny", 1),
+        ("kw_resnet18", 1.5),
+        ("kw_resnet18", 0.3),
+    ],
+)
 def test_every_slot_owned_exactly_once(name, budget):
     plan = kw.plan_of(kw.create_model(name, budget=budget))
     for w in plan.warehouses:
@@ -54,14 +64,14 @@ def test_every_slot_owned_exactly_once(name, budget):
 
 
 def test_reference_assignment_rules():
-    (slots, beta), = assign_slots([6], 12, 2.0)
+    ((slots, beta),) = assign_slots([6], 12, 2.0)
     assert slots == (0, 12) and beta == (0, 2, 4, 6, 8, 10)
     # b = 1/2: cell t takes a slot when t % 2 == (t // 2) % 2, else the zero cell
     (slots, beta), (slots2, beta2) = assign_slots([8, 4], 6, 0.5)
     assert slots == (0, 4) and beta == (0, ZERO_CELL, ZERO_CELL, 1, 2, ZERO_CELL, ZERO_CELL, 3)
     assert slots2 == (4, 6) and beta2 == (4, ZERO_CELL, ZERO_CELL, 5)
     # b = 1/4: one cell in four, on the diagonal of 4x4 blocks
-    (_, beta), = assign_slots([16], 4, 0.25)
+    ((_, beta),) = assign_slots([16], 4, 0.25)
     assert [t for t, s in enumerate(beta) if s != ZERO_CELL] == [0, 5, 10, 15]
 
 
@@ -86,16 +96,25 @@ def spec(name, key, cin, cout, k=(3, 3), groups=1):
 
 
 def test_bad_plans_name_the_layer_and_numbers():
-    with pytest.raises(ValueError, match=r"layer 'a' \(weight 48x48x3x3\) cannot be cut into cells of 36x24 of "
-                                         r"warehouse 's_l'.*48 output and 48 input channels"):
-        plan_warehouses([spec("a", "s_l0", 48, 48), spec("b", "s_l1", 48, 48)], ("l",),
-                        cell_outplane_ratio=0.75, cell_inplane_ratio=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'a' \(weight 48x48x3x3\) cannot be cut into cells of 36x24 of "
+        r"warehouse 's_l'.*48 output and 48 input channels",
+    ):
+        plan_warehouses(
+            [spec("a", "s_l0", 48, 48), spec("b", "s_l1", 48, 48)],
+            ("l",),
+            cell_outplane_ratio=0.75,
+            cell_inplane_ratio=0.5,
+        )
     with pytest.raises(ValueError, match="cell_num_ratio must be a number > 0"):
         plan_warehouses([spec("a", "a", 8, 8)], cell_num_ratio=-1)
     with pytest.raises(ValueError, match="mixes layers of different dimensionality: a .2-d., b .1-d."):
         plan_warehouses([spec("a", "s_l0", 8, 8), spec("b", "s_l1", 8, 8, (3,))], ("l",))
     with pytest.raises(ValueError, match="spatial_partition=False needs one kernel size"):
-        plan_warehouses([spec("a", "s_l0", 8, 8), spec("b", "s_l1", 8, 8, (1, 1))], ("l",), spatial_partition=False)
+        plan_warehouses(
+            [spec("a", "s_l0", 8, 8), spec("b", "s_l1", 8, 8, (1, 1))], ("l",), spatial_partition=False
+        )
     with pytest.raises(ValueError, match="got 3 values for 2 warehouses"):
         plan_warehouses([spec("a", "a", 8, 8), spec("b", "b", 8, 8)], cell_num_ratio=(1, 2, 3))
     with pytest.raises(ValueError, match="no warehouse named"):
@@ -135,8 +154,14 @@ class TwoConvs(nn.Module):
 
 
 def test_nonlocal_basis_layers_match_loops():
-    model = kw.build_kernelwarehouse(TwoConvs(), {"a": "s_l0", "b": "s_l1"}, ("l",), cell_num_ratio=0.5,
-                                     cell_inplane_ratio=0.5, nonlocal_basis_ratio=0.25)
+    model = kw.build_kernelwarehouse(
+        TwoConvs(),
+        {"a": "s_l0", "b": "s_l1"},
+        ("l",),
+        cell_num_ratio=0.5,
+        cell_inplane_ratio=0.5,
+        nonlocal_basis_ratio=0.25,
+    )
     assert model.a.warehouse is model.b.warehouse
     assert model.a.plan.num_basis == 16 and model.b.attention.fc3.out_features == model.b.plan.num_nonlocal
     model = model.double().eval()
@@ -155,7 +180,7 @@ def test_cell_grid_names_its_parts_and_keeps_the_tuple_text():
     assert isinstance(layer.grid, CellGrid)
     assert (layer.grid.spatial, layer.grid.out_blocks, layer.grid.in_blocks) == (9, 4, 2)  # 1x1 cells
     assert layer.num_cells == 72 and str(layer.grid) == "(9, 4, 2)"  # path-choice keys are written with it
-    rebuilt = dataclasses.replace(layer, grid=(3, 2, 1))             # a plain tuple gets the names
+    rebuilt = dataclasses.replace(layer, grid=(3, 2, 1))  # a plain tuple gets the names
     assert isinstance(rebuilt.grid, CellGrid) and rebuilt.grid.out_blocks == 2 and rebuilt.num_cells == 6
 
 

@@ -1,4 +1,5 @@
 """One run with hooks (count_macs, the stage probe of plan_conversion) leaves every module as it was."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,15 @@ from kernelwarehouse.probe import probe_run
 def _mixed_modes() -> nn.Module:
     """A training model with eval-mode parts at several depths, and a training part inside one of them."""
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU()),
         nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).train()
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    ).train()
     model[1].eval()
     model[3].eval()
     model[3][1].train()

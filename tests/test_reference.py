@@ -1,4 +1,5 @@
 """The reference implementation's outputs (fixtures in ../shared), compared in float64."""
+
 import pytest
 import torch
 
@@ -44,7 +45,9 @@ def test_mapping_reports_what_did_not_map():
     state["extra.weight"] = torch.zeros(3)
     del state["layer2.1.conv1.attention.fc2.bias"]
     model = kw.model_from_reference_config(fixture["config"])
-    with pytest.raises(KeyError, match=r"missing \(1\): layer2.1.conv1.attention.fc2.bias; unexpected \(1\): extra.weight"):
+    with pytest.raises(
+        KeyError, match=r"missing \(1\): layer2.1.conv1.attention.fc2.bias; unexpected \(1\): extra.weight"
+    ):
         kw.load_reference_state_dict(model, state)
     report = kw.load_reference_state_dict(model, state, strict=False)
     assert report.missing == ["layer2.1.conv1.attention.fc2.bias"] and report.unexpected == ["extra.weight"]

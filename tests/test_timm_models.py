@@ -1,4 +1,5 @@
 """The zoo as timm models: timm's model API, features_only, timm's pretrained path, and annealing."""
+
 import pytest
 import timm
 import torch
@@ -8,8 +9,15 @@ from timm.data import resolve_data_config
 import kernelwarehouse as kw
 from conftest import SHARED
 
-ZOO = ["kw_resnet18", "kw_resnet50", "kw_mobilenetv2_100", "kw_mobilenetv2_050", "kw_convnext_tiny",
-       "kw_deit_tiny", "kw_deit_small"]
+ZOO = [
+    "kw_resnet18",
+    "kw_resnet50",
+    "kw_mobilenetv2_100",
+    "kw_mobilenetv2_050",
+    "kw_convnext_tiny",
+    "kw_deit_tiny",
+    "kw_deit_small",
+]
 FIXTURES = SHARED / "fixtures" / "official"
 
 
@@ -57,7 +65,7 @@ def test_features_only(name):
     with torch.no_grad():
         features = model(torch.randn(1, 3, 32, 32))
     assert [f.shape[1] for f in features] == model.feature_info.channels()
-    if "deit" not in name:   # spatial maps shrink as the reductions say
+    if "deit" not in name:  # spatial maps shrink as the reductions say
         assert [32 // f.shape[-1] for f in features] == model.feature_info.reduction()
     layers = kw.kw_layers(model)
     assert layers, "the feature extractor lost its KernelWarehouse layers"
@@ -65,14 +73,25 @@ def test_features_only(name):
 
 def test_features_only_keeps_warehouses_shared():
     model = timm.create_model("kw_resnet18", features_only=True, out_indices=(1, 2, 3, 4))
-    assert model.feature_info.channels() == [64, 128, 256, 512] and model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [64, 128, 256, 512] and model.feature_info.reduction() == [
+        4,
+        8,
+        16,
+        32,
+    ]
     features = model.eval()(torch.randn(2, 3, 64, 64))
-    assert [tuple(f.shape) for f in features] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
+    assert [tuple(f.shape) for f in features] == [
+        (2, 64, 16, 16),
+        (2, 128, 8, 8),
+        (2, 256, 4, 4),
+        (2, 512, 2, 2),
+    ]
     layers = dict(kw.kw_layers(model))
     assert len(layers) == 19 and len({id(layer.warehouse) for layer in layers.values()}) == 4
     assert layers["layer2.0.conv1"].warehouse is layers["layer1.1.conv2"].warehouse
-    assert timm.create_model("kw_resnet18", features_only=True, small_input=True).feature_info.reduction() == \
-        [1, 1, 2, 4, 8]
+    assert timm.create_model(
+        "kw_resnet18", features_only=True, small_input=True
+    ).feature_info.reduction() == [1, 1, 2, 4, 8]
 
 
 def test_grad_checkpointing_gives_the_same_output_and_gradients():
@@ -103,15 +122,20 @@ def test_fx_feature_extraction():
 
 def test_static_timm_weights_warm_start_a_kw_model_exactly(tmp_path):
     static = timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()
-    with torch.no_grad():   # non-trivial norms, so that a mix-up of layers shows
+    with torch.no_grad():  # non-trivial norms, so that a mix-up of layers shows
         for module in static.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "resnet18.pth"
     torch.save(static.state_dict(), path)
-    model = timm.create_model("kw_resnet18", budget=1, num_classes=10, pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    model = timm.create_model(
+        "kw_resnet18",
+        budget=1,
+        num_classes=10,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+    ).eval()
     assert kw.get_temperature(model) == 1.0
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -121,16 +145,23 @@ def test_static_timm_weights_warm_start_a_kw_model_exactly(tmp_path):
     kw.load_static_state_dict(again, static.state_dict())
     torch.save(again.state_dict(), tmp_path / "ours.pth")
     # (a checkpoint's cfg names its classes; with another count timm leaves the classifier untrained)
-    ours = timm.create_model("kw_resnet18", budget=1, num_classes=10, pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(tmp_path / "ours.pth"), num_classes=10)).eval()
+    ours = timm.create_model(
+        "kw_resnet18",
+        budget=1,
+        num_classes=10,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "ours.pth"), num_classes=10),
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), model(x))
     with pytest.raises(KeyError, match="no weight for the KernelWarehouse layer"):
         kw.load_static_state_dict(again, {k: v for k, v in static.state_dict().items() if "layer1" not in k})
 
 
-@pytest.mark.parametrize("name,arch,budget", [("kw1x_mobilenetv2_050.pt", "kw_mobilenetv2_050", 1),
-                                              ("kw1d4x_resnet18.pt", "kw_resnet18", "1/4")])
+@pytest.mark.parametrize(
+    "name,arch,budget",
+    [("kw1x_mobilenetv2_050.pt", "kw_mobilenetv2_050", 1), ("kw1d4x_resnet18.pt", "kw_resnet18", "1/4")],
+)
 def test_reference_checkpoints_load_through_timms_pretrained_path(tmp_path, name, arch, budget):
     path = FIXTURES / name
     if not path.exists():
@@ -138,7 +169,9 @@ def test_reference_checkpoints_load_through_timms_pretrained_path(tmp_path, name
     fixture = torch.load(path, weights_only=False)
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save({"state_dict": fixture["state_dict"]}, checkpoint)
-    model = timm.create_model(arch, budget=budget, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    model = timm.create_model(
+        arch, budget=budget, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint))
+    )
     model = model.double().eval()
     for tau, expected in fixture["logits"].items():
         kw.set_temperature(model, tau)
@@ -146,8 +179,13 @@ def test_reference_checkpoints_load_through_timms_pretrained_path(tmp_path, name
             out = model(fixture["input"].double())
         assert (out - expected).abs().max() / expected.abs().max() < 1e-6
     # a 10-class model takes everything but the classifier
-    ten = timm.create_model(arch, budget=budget, num_classes=10, pretrained=True,
-                            pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    ten = timm.create_model(
+        arch,
+        budget=budget,
+        num_classes=10,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(checkpoint)),
+    )
     assert ten.get_classifier().out_features == 10
 
 
@@ -173,7 +211,7 @@ def test_anneal_counts_training_forward_passes_and_resumes_from_the_state_dict()
     assert taus == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     model.eval()
     with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))   # evaluation is not a training step
+        model(torch.randn(1, 3, 32, 32))  # evaluation is not a training step
     assert int(model.temperature_annealing.steps_done) == 6
     # resume: a new model annealed the same way continues where the saved one was
     fresh = small("kw_resnet18", num_classes=4)
@@ -191,7 +229,7 @@ def test_anneal_with_an_optimizer_counts_optimizer_steps():
     model = small("kw_resnet18", num_classes=4).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     kw.anneal(model, steps=2, optimizer=optimizer)
-    model(torch.randn(2, 3, 32, 32))                       # forward passes alone do not count
+    model(torch.randn(2, 3, 32, 32))  # forward passes alone do not count
     assert kw.get_temperature(model) == 1.0
     tiny_step(model, optimizer)
     assert kw.get_temperature(model) == 0.5
@@ -206,7 +244,10 @@ def test_anneal_as_a_create_model_option_and_errors():
     tiny_step(model.train())
     tiny_step(model)
     assert kw.get_temperature(model) == pytest.approx(0.9)
-    assert kw.create_model("kw_deit_tiny", small_input=True, anneal_steps=5).temperature_annealing.anneal_steps == 5
+    assert (
+        kw.create_model("kw_deit_tiny", small_input=True, anneal_steps=5).temperature_annealing.anneal_steps
+        == 5
+    )
     with pytest.raises(ValueError, match="already annealed"):
         kw.anneal(model, steps=3)
     with pytest.raises(ValueError, match="no KernelWarehouse layers"):

@@ -1,4 +1,5 @@
 """The trainer: tau every step, checkpoints, EMA, and exact resume after SIGKILL."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,21 @@ TINY = {"channels": (4, 8, 16, 32), "stem_width": 4}
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="kw_resnet18", budget="1/2", data="digits", model_kwargs=TINY, epochs=2, batch_size=16,
-                  lr=0.05, temp_epochs=1.5, limit_train=96, limit_val=48, device="cpu", output=str(tmp_path / "run"),
-                  log_interval=1)
+    values = dict(
+        model="kw_resnet18",
+        budget="1/2",
+        data="digits",
+        model_kwargs=TINY,
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        temp_epochs=1.5,
+        limit_train=96,
+        limit_val=48,
+        device="cpu",
+        output=str(tmp_path / "run"),
+        log_interval=1,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -45,8 +58,9 @@ def test_tau_follows_the_schedule_every_step_and_is_stored(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[-1]["tau"] == 0.0 and history[0]["tau"] == pytest.approx(1 - 5 / 9)
     # lr: cosine over 12 steps, one scheduler step per training step
-    assert [e["lr"] for e in trainer.step_log][:2] == pytest.approx([0.05 * 0.5 * (1 + torch.cos(
-        torch.tensor(s * torch.pi / 12)).item()) for s in (1, 2)])
+    assert [e["lr"] for e in trainer.step_log][:2] == pytest.approx(
+        [0.05 * 0.5 * (1 + torch.cos(torch.tensor(s * torch.pi / 12)).item()) for s in (1, 2)]
+    )
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == history
@@ -60,7 +74,10 @@ def test_tau_follows_the_schedule_every_step_and_is_stored(tmp_path):
 def test_checkpoints_store_the_paths_taken_and_resume_reuses_them(tmp_path, monkeypatch):
     import kernelwarehouse as kw
     import kernelwarehouse.core.choice as choice
-    monkeypatch.setattr(choice, "time_candidate", lambda run, device, name, best: float(len(name)))  # fake timings
+
+    monkeypatch.setattr(
+        choice, "time_candidate", lambda run, device, name, best: float(len(name))
+    )  # fake timings
     monkeypatch.setattr(choice, "_mode", "measured")
     kw.clear_path_choices()
     Trainer(tiny_config(tmp_path, epochs=1), log=None).fit()
@@ -77,8 +94,16 @@ def test_checkpoints_store_the_paths_taken_and_resume_reuses_them(tmp_path, monk
 
 
 def test_static_model_trains_and_learns_digits(tmp_path):
-    config = tiny_config(tmp_path, model="resnet18", budget=None, epochs=3, limit_train=400, limit_val=120, lr=0.1,
-                         batch_size=32)
+    config = tiny_config(
+        tmp_path,
+        model="resnet18",
+        budget=None,
+        epochs=3,
+        limit_train=400,
+        limit_val=120,
+        lr=0.1,
+        batch_size=32,
+    )
     history = Trainer(config, log=None).fit()
     assert history[-1]["tau"] is None
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -141,10 +166,41 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 
 def _train_command(output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kernelwarehouse.cli", "train", "--model", "kw_resnet18", "--budget", "1",
-            "--data", "digits", "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--temp-epochs", "2",
-            "--limit-train", "320", "--limit-val", "40", "--model-kwargs", "channels=(4,8,16,32)", "stem_width=4", "--device", "cpu",
-            "--seed", "3", "--output", str(output), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "kernelwarehouse.cli",
+        "train",
+        "--model",
+        "kw_resnet18",
+        "--budget",
+        "1",
+        "--data",
+        "digits",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--temp-epochs",
+        "2",
+        "--limit-train",
+        "320",
+        "--limit-val",
+        "40",
+        "--model-kwargs",
+        "channels=(4,8,16,32)",
+        "stem_width=4",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--output",
+        str(output),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -157,7 +213,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     reference = subprocess.run(_train_command(tmp_path / "whole"), env=_env(), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     run = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        _train_command(run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (run / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -166,8 +224,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert process.returncode == -signal.SIGKILL
     done = load_checkpoint(run / "last.pt")["epoch"]
     assert 1 <= done < 4  # killed during training, with at least one epoch saved
-    resumed = subprocess.run([sys.executable, "-m", "kernelwarehouse.cli", "train", "--resume", str(run / "last.pt")],
-                             env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kernelwarehouse.cli", "train", "--resume", str(run / "last.pt")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     whole, again = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(run / "last.pt")
     assert again["epoch"] == 4 and again["step"] == whole["step"]
@@ -178,7 +240,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert whole["temperature"] == again["temperature"]
     for a, b in zip(whole["history"], again["history"]):
-        assert {k: v for k, v in a.items() if "time" not in k} == {k: v for k, v in b.items() if "time" not in k}
+        assert {k: v for k, v in a.items() if "time" not in k} == {
+            k: v for k, v in b.items() if "time" not in k
+        }
 
 
 def test_a_recipe_is_a_set_of_overrides_of_the_train_config():
@@ -189,7 +253,7 @@ def test_a_recipe_is_a_set_of_overrides_of_the_train_config():
     names = {f.name for f in fields(TrainConfig)}
     for recipe in RECIPES.values():
         assert set(recipe.options()) <= names
-        TrainConfig(model="resnet18", **recipe.options())      # every recipe is a valid configuration
+        TrainConfig(model="resnet18", **recipe.options())  # every recipe is a valid configuration
     assert Recipe("short", "", {"epochs": 3}).options()["lr"] == TrainConfig(model="x").lr
     with pytest.raises(ValueError, match="not training options"):
         Recipe("bad", "", {"device": "cuda"})

@@ -6,6 +6,7 @@ The interpreter must be switched on (``TRITON_INTERPRET=1``) before Triton is fi
 other tests of a worker may have imported it already; so the kernels run in one subprocess, this
 file run as a script, which prints every case's relative errors as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,37 +26,108 @@ from kernelwarehouse.core.paths import LayerCall, candidates, fall_back, rule_ch
 # name: (layer class, constructor kwargs, input shape, input layout, dtype); batches of 1 and 3
 C, F32 = "contiguous", "float32"
 CASES = {
-    "conv3x3_padded": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1,
-                                         cell_num_ratio=2), (3, 8, 5, 5), C, F32),
-    "conv3x3_strided_dilated": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3, stride=2,
-                                                  padding=2, dilation=2), (3, 8, 9, 8), C, F32),
-    "conv3x3_cell_blocks": (kw.KWConv2d, dict(in_channels=8, out_channels=16, kernel_size=3, padding=1,
-                                              cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
-                                              cell_num_ratio=0.5), (2, 8, 5, 5), C, F32),
-    "conv3x3_whole_kernel_cells_batch1": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3,
-                                                            padding=1, spatial_partition=False,
-                                                            cell_num_ratio=4), (1, 8, 6, 6), C, F32),
-    "conv3x3_groups": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4),
-                       (2, 8, 5, 5), C, F32),
-    "conv3x3_tiles_in_one_cell": (kw.KWConv2d, dict(in_channels=32, out_channels=32, kernel_size=3,
-                                                    padding=1), (3, 32, 5, 5), C, F32),
-    "conv3x3_groups_tiles_in_one_cell": (kw.KWConv2d, dict(in_channels=32, out_channels=64, kernel_size=3,
-                                                           stride=2, padding=1, groups=2),
-                                         (1, 32, 6, 6), C, F32),
-    "conv3x2_asymmetric_batch1": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=(3, 2),
-                                                    stride=(2, 1), padding=(1, 0)), (1, 8, 9, 7), C, F32),
-    "conv1x1_strided": (kw.KWConv2d, dict(in_channels=8, out_channels=16, kernel_size=1, stride=2),
-                        (3, 8, 7, 7), C, F32),
-    "conv3x3_groups_channels_last": (kw.KWConv2d, dict(in_channels=8, out_channels=8, kernel_size=3,
-                                                       padding=1, groups=2), (2, 8, 5, 4), "channels_last",
-                                     F32),
-    "conv1d": (kw.KWConv1d, dict(in_channels=6, out_channels=10, kernel_size=5, stride=2, padding=2),
-               (3, 6, 17), C, F32),
-    "linear_tokens": (kw.KWLinear, dict(in_features=12, out_features=20, cell_inplane_ratio=0.5),
-                      (3, 5, 12), C, F32),
+    "conv3x3_padded": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, cell_num_ratio=2),
+        (3, 8, 5, 5),
+        C,
+        F32,
+    ),
+    "conv3x3_strided_dilated": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=2, dilation=2),
+        (3, 8, 9, 8),
+        C,
+        F32,
+    ),
+    "conv3x3_cell_blocks": (
+        kw.KWConv2d,
+        dict(
+            in_channels=8,
+            out_channels=16,
+            kernel_size=3,
+            padding=1,
+            cell_inplane_ratio=0.5,
+            cell_outplane_ratio=0.5,
+            cell_num_ratio=0.5,
+        ),
+        (2, 8, 5, 5),
+        C,
+        F32,
+    ),
+    "conv3x3_whole_kernel_cells_batch1": (
+        kw.KWConv2d,
+        dict(
+            in_channels=8, out_channels=8, kernel_size=3, padding=1, spatial_partition=False, cell_num_ratio=4
+        ),
+        (1, 8, 6, 6),
+        C,
+        F32,
+    ),
+    "conv3x3_groups": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4),
+        (2, 8, 5, 5),
+        C,
+        F32,
+    ),
+    "conv3x3_tiles_in_one_cell": (
+        kw.KWConv2d,
+        dict(in_channels=32, out_channels=32, kernel_size=3, padding=1),
+        (3, 32, 5, 5),
+        C,
+        F32,
+    ),
+    "conv3x3_groups_tiles_in_one_cell": (
+        kw.KWConv2d,
+        dict(in_channels=32, out_channels=64, kernel_size=3, stride=2, padding=1, groups=2),
+        (1, 32, 6, 6),
+        C,
+        F32,
+    ),
+    "conv3x2_asymmetric_batch1": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+        (1, 8, 9, 7),
+        C,
+        F32,
+    ),
+    "conv1x1_strided": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=16, kernel_size=1, stride=2),
+        (3, 8, 7, 7),
+        C,
+        F32,
+    ),
+    "conv3x3_groups_channels_last": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=2),
+        (2, 8, 5, 4),
+        "channels_last",
+        F32,
+    ),
+    "conv1d": (
+        kw.KWConv1d,
+        dict(in_channels=6, out_channels=10, kernel_size=5, stride=2, padding=2),
+        (3, 6, 17),
+        C,
+        F32,
+    ),
+    "linear_tokens": (
+        kw.KWLinear,
+        dict(in_features=12, out_features=20, cell_inplane_ratio=0.5),
+        (3, 5, 12),
+        C,
+        F32,
+    ),
     "linear_batch1": (kw.KWLinear, dict(in_features=16, out_features=10), (1, 4, 16), C, F32),
-    "conv3x3_float16": (kw.KWConv2d, dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
-                        (2, 8, 5, 5), C, "float16"),
+    "conv3x3_float16": (
+        kw.KWConv2d,
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
+        (2, 8, 5, 5),
+        C,
+        "float16",
+    ),
 }
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
 OUTPUTS = ("output", "input grad", "mixture grad", "cells grad")
@@ -73,8 +145,10 @@ def run_case(name: str) -> list[float]:
     geo, cells = layer._geometry, layer.warehouse.weight.detach()
     results = []
     for path, cast in (("triton", getattr(torch, dtype)), ("reference", torch.float32)):
-        inputs = [t.to(cast).requires_grad_() if i == 0 else t.clone().requires_grad_()
-                  for i, t in enumerate((x, mixture, cells))]
+        inputs = [
+            t.to(cast).requires_grad_() if i == 0 else t.clone().requires_grad_()
+            for i, t in enumerate((x, mixture, cells))
+        ]
         out = paths.REGISTRY[path].forward(*inputs, geo, "", True)
         grad = torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape)
         grads = torch.autograd.grad(out, inputs, grad.to(out.dtype))
@@ -97,31 +171,46 @@ def compile_report() -> dict[str, int]:
 
     from kernelwarehouse import tuning
     from kernelwarehouse.core import triton_conv as kernels
+
     cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    tiles = dict(BLOCK_M=tuning.TRITON_BLOCK_POSITIONS, BLOCK_N=tuning.TRITON_BLOCK_CHANNELS,
-                 BLOCK_K=tuning.TRITON_BLOCK_REDUCTION)
+    tiles = dict(
+        BLOCK_M=tuning.TRITON_BLOCK_POSITIONS,
+        BLOCK_N=tuning.TRITON_BLOCK_CHANNELS,
+        BLOCK_K=tuning.TRITON_BLOCK_REDUCTION,
+    )
     stacks = {}
     for arch in (80, 90):
         for dtype, precision in (("fp32", "tf32"), ("bf16", "ieee")):
             tensors = {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "grad_ptr", "gx_ptr")}
             tensors.update(mix_ptr="*fp32", cells_ptr="*fp32", gw_ptr="*fp32")
             assembling = (kernels._forward_kernel, kernels._input_grad_kernel)
-            jobs = [(kernel, dict(tiles, ONE_CELL=one_cell), f"{kernel.__name__} one_cell={one_cell}")
-                    for kernel in assembling for one_cell in (True, False)]
-            weight_tiles = dict(BLOCK_L=tuning.TRITON_BLOCK_REDUCTION, BLOCK_CI=tuning.TRITON_BLOCK_CHANNELS,
-                                BLOCK_OC=tuning.TRITON_BLOCK_CHANNELS)
+            jobs = [
+                (kernel, dict(tiles, ONE_CELL=one_cell), f"{kernel.__name__} one_cell={one_cell}")
+                for kernel in assembling
+                for one_cell in (True, False)
+            ]
+            weight_tiles = dict(
+                BLOCK_L=tuning.TRITON_BLOCK_REDUCTION,
+                BLOCK_CI=tuning.TRITON_BLOCK_CHANNELS,
+                BLOCK_OC=tuning.TRITON_BLOCK_CHANNELS,
+            )
             jobs.append((kernels._weight_grad_kernel, weight_tiles, "_weight_grad_kernel"))
             for kernel, constants, name in jobs:
                 constants.update(KH=3, KW=3, PRECISION=precision)
-                signature = {arg: "constexpr" if arg in constants else tensors.get(arg, "i32")
-                             for arg in kernel.arg_names}
-                compiled = triton.compile(ASTSource(kernel, signature, constants),
-                                          target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": tuning.TRITON_WARPS})
+                signature = {
+                    arg: "constexpr" if arg in constants else tensors.get(arg, "i32")
+                    for arg in kernel.arg_names
+                }
+                compiled = triton.compile(
+                    ASTSource(kernel, signature, constants),
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": tuning.TRITON_WARPS},
+                )
                 cubin = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"kw-triton-{os.getpid()}.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
-                usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True,
-                                       text=True)
+                usage = subprocess.run(
+                    [str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True
+                )
                 cubin.unlink()
                 stacks[f"sm_{arch} {dtype} {name}"] = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
     return stacks
@@ -154,8 +243,9 @@ def _run_script(*args: str, interpret: bool) -> dict:
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0:
         pytest.fail(f"the kernels failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -186,8 +276,10 @@ def test_kernels_compile_for_cuda_without_spills() -> None:
 
 # -- the registry, on CPU (Triton is not imported) -----------------------------------------------
 
-def _call(layer: torch.nn.Module, shape: tuple[int, ...], device: str = "cuda:0",
-          grad: bool = True) -> LayerCall:
+
+def _call(
+    layer: torch.nn.Module, shape: tuple[int, ...], device: str = "cuda:0", grad: bool = True
+) -> LayerCall:
     x = torch.randn(*shape)
     mixture = torch.randn(shape[0], layer.plan.num_cells, layer.warehouse.num_cells)
     call = LayerCall.of(x, mixture, layer.warehouse.weight, layer._geometry)
@@ -208,12 +300,17 @@ def test_registered_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "triton" not in candidates(cuda) and fall_back("triton", cuda) == "grouped"
 
 
-@pytest.mark.parametrize("layer, shape", [
-    (kw.KWConv2d(8, 8, 3, padding=1, groups=8), (2, 8, 6, 6)),     # depthwise: the other paths serve it
-    (kw.KWConv3d(4, 6, 3, padding=1), (2, 4, 5, 5, 4)),             # 3-d
-], ids=["depthwise", "conv3d"])
-def test_unsupported_geometries(monkeypatch: pytest.MonkeyPatch, layer: torch.nn.Module,
-                                shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (kw.KWConv2d(8, 8, 3, padding=1, groups=8), (2, 8, 6, 6)),  # depthwise: the other paths serve it
+        (kw.KWConv3d(4, 6, 3, padding=1), (2, 4, 5, 5, 4)),  # 3-d
+    ],
+    ids=["depthwise", "conv3d"],
+)
+def test_unsupported_geometries(
+    monkeypatch: pytest.MonkeyPatch, layer: torch.nn.Module, shape: tuple[int, ...]
+) -> None:
     monkeypatch.setattr(paths, "triton_available", lambda: True)
     call = _call(layer, shape)
     assert not paths.REGISTRY["triton"].supports(call)

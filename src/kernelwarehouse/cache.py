@@ -1,6 +1,7 @@
 """Where kernelwarehouse keeps what it builds or measures on this machine: the native kernels and
 the measured path choices. ``$KERNELWAREHOUSE_CACHE``, else ``$XDG_CACHE_HOME/kernelwarehouse``,
 else ``~/.cache/kernelwarehouse``."""
+
 from __future__ import annotations
 
 import os

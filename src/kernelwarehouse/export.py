@@ -23,6 +23,7 @@ measured fastest in onnxruntime (the measurements: :data:`kernelwarehouse.tuning
 ``benchmarks/onnx.py``). With ``fuse=True`` (the default) a copy of the model is exported with its
 BatchNorms folded (:func:`kernelwarehouse.fuse_for_inference`; exact in eval mode).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,9 +44,16 @@ FORMS = ("loop", "grouped", "unfold")
 _INPUT, _OUTPUT = "input", "output"
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *,
-                opset_version: int = 17, dynamic_batch: bool = True, form: str = "auto",
-                fuse: bool = True) -> str:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor,
+    *,
+    opset_version: int = 17,
+    dynamic_batch: bool = True,
+    form: str = "auto",
+    fuse: bool = True,
+) -> str:
     """Write ``model`` (in eval mode) to an ONNX file at ``path`` with input ``"input"`` and output
     ``"output"``; returns the path.
 
@@ -59,8 +67,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     if form == "auto":
         form = "loop" if dynamic_batch else "grouped"
     if form == "grouped" and dynamic_batch:
-        raise ValueError("form 'grouped' fixes the batch size in the graph: pass dynamic_batch=False, "
-                         "or take form 'loop' or 'unfold' for a free batch")
+        raise ValueError(
+            "form 'grouped' fixes the batch size in the graph: pass dynamic_batch=False, "
+            "or take form 'loop' or 'unfold' for a free batch"
+        )
     original, was_training = model, model.training
     model = fuse_for_inference(copy.deepcopy(model)) if fuse else model.eval()
     try:
@@ -76,18 +86,28 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     return str(path)
 
 
-def _torch_export(model: nn.Module, example_input: torch.Tensor, target, opset_version: int,
-                  dynamic_batch: bool) -> None:
+def _torch_export(
+    model: nn.Module, example_input: torch.Tensor, target, opset_version: int, dynamic_batch: bool
+) -> None:
     axes = {_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}} if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
-        torch.onnx.export(model, (example_input,), target, input_names=[_INPUT], output_names=[_OUTPUT],
-                          dynamic_axes=axes, opset_version=opset_version, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example_input,),
+            target,
+            input_names=[_INPUT],
+            output_names=[_OUTPUT],
+            dynamic_axes=axes,
+            opset_version=opset_version,
+            dynamo=False,
+        )
 
 
 def _fixed_batch_graph(model: nn.Module, example_input: torch.Tensor, batch: int, opset_version: int):
     """The ``"grouped"`` graph of ``model`` for batches of ``batch`` samples, as an ONNX model."""
     import onnx
+
     example = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous()
     buffer = io.BytesIO()
     with fixed_batch_export(batch):
@@ -95,8 +115,9 @@ def _fixed_batch_graph(model: nn.Module, example_input: torch.Tensor, batch: int
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: int, dynamic_batch: bool,
-                path: str) -> None:
+def _loop_graph(
+    model: nn.Module, example_input: torch.Tensor, opset_version: int, dynamic_batch: bool, path: str
+) -> None:
     """Write the ``"loop"`` form to ``path``: chunks of ``tuning.EXPORT_LOOP_CHUNK`` samples, then
     single samples, each through a ``"grouped"`` graph inside an ONNX ``Loop``; the outputs
     concatenated."""
@@ -113,16 +134,24 @@ def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: in
     initializers = _merge_initializers([g.graph for g in graphs])
 
     def const(name: str, values: list[int]) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
-                                                                                  [len(values)], values))
+        return helper.make_node(
+            "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+        )
 
     out_dims = [d.dim_value for d in first.output[0].type.tensor_type.shape.dim][1:]
-    nodes = [helper.make_node("Shape", [_INPUT], ["kw_loop/shape"]),
-             const("kw_loop/zero", [0]), const("kw_loop/one", [1]),
-             helper.make_node("Slice", ["kw_loop/shape", "kw_loop/zero", "kw_loop/one"], ["kw_loop/batch"]),
-             helper.make_node("Constant", [], ["kw_loop/true"], value=helper.make_tensor(
-                 "kw_loop/true", TensorProto.BOOL, [], [True])),
-             const("kw_loop/out_shape", [-1, *out_dims])]
+    nodes = [
+        helper.make_node("Shape", [_INPUT], ["kw_loop/shape"]),
+        const("kw_loop/zero", [0]),
+        const("kw_loop/one", [1]),
+        helper.make_node("Slice", ["kw_loop/shape", "kw_loop/zero", "kw_loop/one"], ["kw_loop/batch"]),
+        helper.make_node(
+            "Constant",
+            [],
+            ["kw_loop/true"],
+            value=helper.make_tensor("kw_loop/true", TensorProto.BOOL, [], [True]),
+        ),
+        const("kw_loop/out_shape", [-1, *out_dims]),
+    ]
     outputs, start = [], "kw_loop/zero"
     for index, (size, graph) in enumerate(zip(sizes, graphs)):
         tag = f"kw_loop/{index}"
@@ -130,14 +159,22 @@ def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: in
         if index == len(sizes) - 1:  # the rest of the batch
             nodes.append(helper.make_node("Sub", ["kw_loop/batch", start], [f"{tag}/count"]))
         else:
-            nodes += [helper.make_node("Sub", ["kw_loop/batch", start], [f"{tag}/left"]),
-                      helper.make_node("Div", [f"{tag}/left", f"{tag}/size"], [f"{tag}/trips"]),
-                      helper.make_node("Mul", [f"{tag}/trips", f"{tag}/size"], [f"{tag}/count"])]
-        nodes += [helper.make_node("Div", [f"{tag}/count", f"{tag}/size"], [f"{tag}/iterations"]),
-                  helper.make_node("Squeeze", [f"{tag}/iterations", "kw_loop/zero"], [f"{tag}/trip_count"]),
-                  helper.make_node("Loop", [f"{tag}/trip_count", "kw_loop/true"], [f"{tag}/stacked"],
-                                   body=_loop_body(graph.graph, tag, start, size, initializers)),
-                  helper.make_node("Reshape", [f"{tag}/stacked", "kw_loop/out_shape"], [f"{tag}/output"])]
+            nodes += [
+                helper.make_node("Sub", ["kw_loop/batch", start], [f"{tag}/left"]),
+                helper.make_node("Div", [f"{tag}/left", f"{tag}/size"], [f"{tag}/trips"]),
+                helper.make_node("Mul", [f"{tag}/trips", f"{tag}/size"], [f"{tag}/count"]),
+            ]
+        nodes += [
+            helper.make_node("Div", [f"{tag}/count", f"{tag}/size"], [f"{tag}/iterations"]),
+            helper.make_node("Squeeze", [f"{tag}/iterations", "kw_loop/zero"], [f"{tag}/trip_count"]),
+            helper.make_node(
+                "Loop",
+                [f"{tag}/trip_count", "kw_loop/true"],
+                [f"{tag}/stacked"],
+                body=_loop_body(graph.graph, tag, start, size, initializers),
+            ),
+            helper.make_node("Reshape", [f"{tag}/stacked", "kw_loop/out_shape"], [f"{tag}/output"]),
+        ]
         outputs.append(f"{tag}/output")
         if index < len(sizes) - 1:
             nodes.append(helper.make_node("Add", [start, f"{tag}/count"], [f"{tag}/end"]))
@@ -145,12 +182,15 @@ def _loop_graph(model: nn.Module, example_input: torch.Tensor, opset_version: in
     nodes.append(helper.make_node("Concat", outputs, [_OUTPUT], axis=0))
     batch_dim = "batch" if dynamic_batch else batch
     main = helper.make_graph(
-        nodes, "kernelwarehouse_loop",
+        nodes,
+        "kernelwarehouse_loop",
         [helper.make_tensor_value_info(_INPUT, TensorProto.FLOAT, [batch_dim, *example_input.shape[1:]])],
         [helper.make_tensor_value_info(_OUTPUT, TensorProto.FLOAT, [batch_dim, *out_dims])],
-        list(initializers.values()))
-    proto = helper.make_model(main, opset_imports=list(graphs[0].opset_import),
-                              producer_name=graphs[0].producer_name)
+        list(initializers.values()),
+    )
+    proto = helper.make_model(
+        main, opset_imports=list(graphs[0].opset_import), producer_name=graphs[0].producer_name
+    )
     proto.ir_version = graphs[0].ir_version
     onnx.save(proto, path)
 
@@ -179,23 +219,32 @@ def _loop_body(graph, tag: str, start: str, size: int, initializers: dict):
     """The body of a ``Loop`` over chunks of ``size`` samples from ``start``: iteration i runs
     ``graph`` on samples ``start + i * size`` to ``start + (i + 1) * size``."""
     from onnx import TensorProto, helper
+
     step, first, last = f"{tag}/step", f"{tag}/first", f"{tag}/last"
     sample = f"{tag}/samples"
-    nodes = [helper.make_node("Mul", [f"{tag}/i", f"{tag}/size"], [step]),
-             helper.make_node("Add", [start, step], [first]),
-             helper.make_node("Add", [first, f"{tag}/size"], [last]),
-             helper.make_node("Slice", [_INPUT, first, last, "kw_loop/zero"], [sample])]
+    nodes = [
+        helper.make_node("Mul", [f"{tag}/i", f"{tag}/size"], [step]),
+        helper.make_node("Add", [start, step], [first]),
+        helper.make_node("Add", [first, f"{tag}/size"], [last]),
+        helper.make_node("Slice", [_INPUT, first, last, "kw_loop/zero"], [sample]),
+    ]
     for node in graph.node:
         node.input[:] = [sample if name == _INPUT else name for name in node.input]
         node.output[:] = [f"{tag}/result" if name == _OUTPUT else name for name in node.output]
         nodes.append(node)
     nodes.append(helper.make_node("Identity", [f"{tag}/condition"], [f"{tag}/condition_out"]))
     return helper.make_graph(
-        nodes, f"{tag}/body",
-        [helper.make_tensor_value_info(f"{tag}/i", TensorProto.INT64, []),
-         helper.make_tensor_value_info(f"{tag}/condition", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(f"{tag}/condition_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info(f"{tag}/result", TensorProto.FLOAT, None)])
+        nodes,
+        f"{tag}/body",
+        [
+            helper.make_tensor_value_info(f"{tag}/i", TensorProto.INT64, []),
+            helper.make_tensor_value_info(f"{tag}/condition", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info(f"{tag}/condition_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(f"{tag}/result", TensorProto.FLOAT, None),
+        ],
+    )
 
 
 def trace(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:

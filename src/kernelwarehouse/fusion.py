@@ -7,6 +7,7 @@ weight (in exported graphs, see the ``conv`` path of :mod:`kernelwarehouse.core.
 mode, to the output in the same pass as the bias; the BatchNorm's shift goes into the bias. The
 BatchNorm inside each KernelWarehouse attention branch folds into the linear layer before it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,11 @@ def _pairs_by_graph(model: nn.Module) -> list[tuple[str, str]] | None:
         source = node.args[0]
         if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        if calls[node.target] == 1 and calls[source.target] == 1 and _foldable(modules[source.target],
-                                                                                modules[node.target]):
+        if (
+            calls[node.target] == 1
+            and calls[source.target] == 1
+            and _foldable(modules[source.target], modules[node.target])
+        ):
             pairs.append((source.target, node.target))
     return pairs
 

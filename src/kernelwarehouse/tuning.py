@@ -11,6 +11,7 @@ Machines named below: "EPYC-512" is a 2-core AMD EPYC VM with AVX-512 (torch 2.1
 "Xeon-512" a 2-core Intel Xeon VM with AVX-512, "H100" an NVIDIA H100. ``benchmarks/layers.py``
 measures the per-layer figures again on any machine.
 """
+
 from __future__ import annotations
 
 # -- sizes of the work inside a path -------------------------------------------------------------

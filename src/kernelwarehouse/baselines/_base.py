@@ -1,5 +1,6 @@
 """What the dynamic-convolution baselines share: K full-size kernels of one conv layer, mixed per
 sample by an attention over K and applied through the project's execution path."""
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,24 @@ class MixtureConv2d(nn.Module):
     ``weight`` has shape (K, C_out, C_in / groups, k_h, k_w); subclasses add the attention branch.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
-                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
-                 num_kernels: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        num_kernels: int = 4,
+    ) -> None:
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                             f"divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                f"divisible by groups ({groups})"
+            )
         if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
             raise ValueError(f"the number of kernels must be an int >= 1, got {num_kernels!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -71,8 +82,10 @@ class MixtureConv2d(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects input (B, {self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects input (B, {self.in_channels}, H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def assembly_macs(self, x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
         """Per-sample (weight assembly, feature-map scaling) multiply-adds, for ``count_macs``:

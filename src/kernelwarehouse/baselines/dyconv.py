@@ -7,6 +7,7 @@ gradient; ``temperature`` is a plain attribute, set for a whole model by
 :func:`kernelwarehouse.baselines.set_baseline_temperature` (KernelWarehouse's own ``set_temperature``
 does not touch it).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,13 +26,24 @@ class DynamicConv2d(MixtureConv2d):
     reduces by 4.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
-                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
-                 num_kernels: int = 4, reduction: float = 0.25, min_hidden: int = 4,
-                 temperature: float = 1.0) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         num_kernels)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        num_kernels: int = 4,
+        reduction: float = 0.25,
+        min_hidden: int = 4,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels
+        )
         hidden = attention_width(in_channels, reduction, min_hidden)
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, num_kernels)

@@ -6,6 +6,7 @@ MobileNetV2 every conv after the stem, including the final 1x1 (the classifier s
 CondConv and DY-Conv ResNets use the same layers, so the methods differ only in the layer.
 Each model takes ``kernel_num``, the number of kernels K of every dynamic layer ("ODConv (4x)").
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
@@ -37,13 +38,24 @@ def dynamic_like(conv: nn.Conv2d, method: str, kernel_num: int, **options: Any) 
     if conv.padding_mode != "zeros":
         raise ValueError(f"{method} layers pad with zeros only, got padding_mode={conv.padding_mode!r}")
     cls, kernels_keyword, _ = METHODS[method]
-    layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, **{kernels_keyword: kernel_num}, **options)
+    layer = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        **{kernels_keyword: kernel_num},
+        **options,
+    )
     return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-def build_baseline(model: nn.Module, paths: Iterable[str], method: str, kernel_num: int = 4,
-                   **options: Any) -> nn.Module:
+def build_baseline(
+    model: nn.Module, paths: Iterable[str], method: str, kernel_num: int = 4, **options: Any
+) -> nn.Module:
     """Replace the static convs at ``paths`` of ``model`` by ``method`` layers, in place."""
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules]
@@ -52,8 +64,13 @@ def build_baseline(model: nn.Module, paths: Iterable[str], method: str, kernel_n
     return replace_modules(model, {p: dynamic_like(modules[p], method, kernel_num, **options) for p in paths})
 
 
-def convert_to_baseline(model: nn.Module, originals: Mapping[str, nn.Module], method: str, kernel_num: int,
-                        warm_start: bool = False) -> nn.Module:
+def convert_to_baseline(
+    model: nn.Module,
+    originals: Mapping[str, nn.Module],
+    method: str,
+    kernel_num: int,
+    warm_start: bool = False,
+) -> nn.Module:
     """``kw.convert(model, method=...)``: put ``method`` layers with ``kernel_num`` kernels on the Conv2d
     layers among ``originals`` (the static layers KernelWarehouse would take, by module path), in place."""
     if method not in METHODS:
@@ -62,15 +79,21 @@ def convert_to_baseline(model: nn.Module, originals: Mapping[str, nn.Module], me
         raise ValueError(f"warm_start is for method='kw'; {method} layers start from their own init")
     paths = [name for name in originals if type(originals[name]) is nn.Conv2d]
     if not paths:
-        raise ValueError(f"no Conv2d layer to convert to {method} "
-                         f"(the selected layers are {list(originals)})")
+        raise ValueError(
+            f"no Conv2d layer to convert to {method} (the selected layers are {list(originals)})"
+        )
     return build_baseline(model, paths, method, kernel_num)
 
 
 def resnet_dynamic_paths(model: nn.Module) -> list[str]:
     """Every conv of the residual blocks; stem and downsample shortcuts stay static."""
-    return [f"layer{s + 1}.{j}.{name}" for s, stage in enumerate(resnet_stages(model)) for j, block in enumerate(stage)
-            for name, child in block.named_children() if name.startswith("conv") and isinstance(child, nn.Conv2d)]
+    return [
+        f"layer{s + 1}.{j}.{name}"
+        for s, stage in enumerate(resnet_stages(model))
+        for j, block in enumerate(stage)
+        for name, child in block.named_children()
+        if name.startswith("conv") and isinstance(child, nn.Conv2d)
+    ]
 
 
 def mobilenetv2_dynamic_paths(model: nn.Module) -> list[str]:
@@ -78,14 +101,20 @@ def mobilenetv2_dynamic_paths(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != "conv_stem"]
 
 
-def _builder(static: Callable[..., nn.Module], paths: Callable[[nn.Module], list[str]], method: str,
-             ) -> Callable[..., nn.Module]:
+def _builder(
+    static: Callable[..., nn.Module],
+    paths: Callable[[nn.Module], list[str]],
+    method: str,
+) -> Callable[..., nn.Module]:
     layer_options = METHODS[method][2]
 
     def build(num_classes: int = 1000, kernel_num: int = 4, **overrides: Any) -> nn.Module:
         options = {k: v for k, v in overrides.items() if k in layer_options}
-        model = static(num_classes=num_classes, **{k: v for k, v in overrides.items() if k not in layer_options})
+        model = static(
+            num_classes=num_classes, **{k: v for k, v in overrides.items() if k not in layer_options}
+        )
         return build_baseline(model, paths(model), method, kernel_num, **options)
+
     build.__name__ = build.__qualname__ = f"{method}_{static.__name__}"
     build.__doc__ = f"{static.__name__} with {method} layers of ``kernel_num`` kernels (default 4)."
     return build
@@ -110,11 +139,16 @@ REFERENCE_PARAMS: dict[str, dict[int, int]] = {
 }
 
 
-def _registered(static: Callable[..., nn.Module], paths: Callable[[nn.Module], list[str]], method: str,
-                ) -> Callable[..., nn.Module]:
+def _registered(
+    static: Callable[..., nn.Module],
+    paths: Callable[[nn.Module], list[str]],
+    method: str,
+) -> Callable[..., nn.Module]:
     """The builder of ``method`` on ``static``, registered (as ``{method}_{static}``) with its numbers."""
     build = _builder(static, paths, method)
-    return register_zoo(PUBLISHED[build.__name__], REFERENCE_PARAMS.get(build.__name__), kind="baseline")(build)
+    return register_zoo(PUBLISHED[build.__name__], REFERENCE_PARAMS.get(build.__name__), kind="baseline")(
+        build
+    )
 
 
 odconv_resnet18 = _registered(resnet18, resnet_dynamic_paths, "odconv")

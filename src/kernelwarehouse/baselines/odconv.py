@@ -13,6 +13,7 @@ An attention that would be trivial is left out: the kernel attention when K = 1,
 1x1 kernels and the filter one for depthwise convolutions (there the channel attention already
 scales each filter). A 1x1 convolution with K = 1 keeps a static kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,17 @@ from ._base import MixtureConv2d, attention_width, check_temperature
 class ODAttention(nn.Module):
     """The four attentions of an ODConv layer from its input; absent ones are returned as None."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int,
-                 num_kernels: int, reduction: float = 1 / 16, min_hidden: int = 16,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        groups: int,
+        num_kernels: int,
+        reduction: float = 1 / 16,
+        min_hidden: int = 16,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         hidden = attention_width(in_channels, reduction, min_hidden)
         self.kernel_size = kernel_size
@@ -51,10 +60,13 @@ class ODAttention(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(channel (B, C_in), filter (B, C_out) | None, spatial (B, k_h, k_w) | None, kernel (B, K) | None)."""
+        """(channel (B, C_in), filter (B, C_out) | None, spatial (B, k_h, k_w) | None,
+        kernel (B, K) | None)."""
         if self.training and x.shape[0] == 1:
-            raise ValueError("ODConv attention uses BatchNorm and cannot train on a batch of 1: "
-                             "call model.eval() or use a larger batch")
+            raise ValueError(
+                "ODConv attention uses BatchNorm and cannot train on a batch of 1: "
+                "call model.eval() or use a larger batch"
+            )
         h = F.relu(self.bn(self.fc(x.mean(dim=(2, 3)))))
         t = self.temperature
         channel = torch.sigmoid(self.channel_fc(h) / t)
@@ -76,15 +88,34 @@ class ODConv2d(MixtureConv2d):
     added after the filter attention.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
-                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
-                 kernel_num: int = 4, reduction: float = 1 / 16, min_hidden: int = 16,
-                 temperature: float = 1.0) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         kernel_num)
-        self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, kernel_num,
-                                     reduction, min_hidden, temperature)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        kernel_num: int = 4,
+        reduction: float = 1 / 16,
+        min_hidden: int = 16,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, kernel_num
+        )
+        self.attention = ODAttention(
+            in_channels,
+            out_channels,
+            self.kernel_size,
+            groups,
+            kernel_num,
+            reduction,
+            min_hidden,
+            temperature,
+        )
 
     @property
     def temperature(self) -> float:
@@ -101,7 +132,9 @@ class ODConv2d(MixtureConv2d):
         if kernel is None and spatial is None:  # a static kernel
             out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
         else:
-            weight = self.weight[0].expand(x.shape[0], *self.weight_shape) if kernel is None else self.mix(kernel)
+            weight = (
+                self.weight[0].expand(x.shape[0], *self.weight_shape) if kernel is None else self.mix(kernel)
+            )
             if spatial is not None:
                 weight = weight * spatial[:, None, None]
             out = self.convolve(x, weight)

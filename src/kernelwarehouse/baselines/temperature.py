@@ -4,6 +4,7 @@ Both papers start training at temperature 30 and lower it linearly to 1 over the
 (DY-Conv: Chen et al., CVPR 2020, Sec. 3.3; ODConv: the authors' recipe, 10 epochs).
 ``kernelwarehouse.set_temperature`` sets KernelWarehouse's tau in [0, 1] and leaves these alone.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn

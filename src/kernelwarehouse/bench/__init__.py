@@ -1,4 +1,5 @@
 """Cost of KernelWarehouse models: multiply-adds that see weight assembly, and a benchmark."""
+
 from .benchmark import benchmark, format_table, peak_memory
 from .macs import MacCount, count_macs
 

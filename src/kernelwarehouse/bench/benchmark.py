@@ -3,6 +3,7 @@
 Absolute timings depend on the machine and its load; the ratios to the static model, measured
 interleaved in the same run (medians of repeats), are what carry over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,12 @@ from ..core.temperature import set_temperature
 from ..models.registry import create_model, format_budget, model_entry, parse_budget
 from .macs import count_macs
 
-TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv2_100": "mobilenet_v2",
-               "convnext_tiny": "convnext_tiny"}
+TORCHVISION = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "mobilenetv2_100": "mobilenet_v2",
+    "convnext_tiny": "convnext_tiny",
+}
 
 
 def static_counterpart(name: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
@@ -32,7 +37,10 @@ def static_counterpart(name: str, num_classes: int = 1000) -> tuple[nn.Module, s
     static = name.split("_", 1)[1]
     try:
         import torchvision
-        return getattr(torchvision.models, TORCHVISION[static])(num_classes=num_classes), f"torchvision {TORCHVISION[static]}"
+
+        return getattr(torchvision.models, TORCHVISION[static])(
+            num_classes=num_classes
+        ), f"torchvision {TORCHVISION[static]}"
     except (ImportError, KeyError):
         return create_model(static, num_classes=num_classes), static
 
@@ -60,12 +68,15 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # each op's own allocations net of its frees, and bare free/alloc records, in time order: the
     # running sum's maximum is the peak (to within what one op holds only while it runs)
-    records = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                     for e in prof.events())
+    records = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+    )
     live = peak = 0
     for _, delta in records:
         live += delta
@@ -73,7 +84,9 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
+def _train_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None
+) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     autocast = (lambda: torch.autocast(x.device.type, dtype=amp)) if amp else contextlib.nullcontext
 
@@ -83,13 +96,25 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: to
             loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
+
     return step
 
 
-def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16, image_size: int = 224,
-              device: str = "cpu", threads: int | None = None, repeats: int = 5, memory_batch_size: int | None = 32,
-              tau: float = 0.5, path: str = "auto", amp: str | None = None, seed: int = 0,
-              native_kernels: bool = True) -> dict[str, Any]:
+def benchmark(
+    model: str = "kw_resnet18",
+    budget: Any = 1,
+    batch_size: int = 16,
+    image_size: int = 224,
+    device: str = "cpu",
+    threads: int | None = None,
+    repeats: int = 5,
+    memory_batch_size: int | None = 32,
+    tau: float = 0.5,
+    path: str = "auto",
+    amp: str | None = None,
+    seed: int = 0,
+    native_kernels: bool = True,
+) -> dict[str, Any]:
     """Params, MACs, inference latency (``batch_size`` and 1), training-step latency and peak training
     memory (``memory_batch_size``) of ``model`` at ``budget``, each beside the static counterpart's.
     ``native_kernels=False`` times PyTorch's products in place of :mod:`kernelwarehouse.native`.
@@ -97,15 +122,19 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
     (``paths``: {figure: {layer: path}}); with ``path="auto"`` the first call of each layer
     geometry is measured (:mod:`kernelwarehouse.core.choice`) in the untimed warm-up."""
     if batch_size < 1 or repeats < 1 or image_size < 32:
-        raise ValueError(f"batch_size and repeats must be >= 1 and image_size >= 32, got "
-                         f"{batch_size}, {repeats}, {image_size}")
+        raise ValueError(
+            f"batch_size and repeats must be >= 1 and image_size >= 32, got "
+            f"{batch_size}, {repeats}, {image_size}"
+        )
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
     if path != "auto":
         check_choice(path)  # before any model is built
     entry = model_entry(model)
     if entry.kind == "static":
-        raise ValueError(f"{model!r} is a static model; benchmark a KernelWarehouse model (kw_*) or a baseline")
+        raise ValueError(
+            f"{model!r} is a static model; benchmark a KernelWarehouse model (kw_*) or a baseline"
+        )
     dev = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -120,20 +149,34 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
     static = static.to(dev)
     shape = (3, image_size, image_size)
     result: dict[str, Any] = {
-        "model": model, "budget": variant, "static": static_name, "device": str(dev),
-        "threads": torch.get_num_threads(), "image_size": image_size, "batch_size": batch_size, "tau": tau,
-        "path": path, "path_choice": get_path_choice(), "amp": amp,
+        "model": model,
+        "budget": variant,
+        "static": static_name,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "tau": tau,
+        "path": path,
+        "path_choice": get_path_choice(),
+        "amp": amp,
         "native_kernels": native_kernels and dev.type == "cpu" and native.available(),
         "native_variant": native.variant() if native_kernels and dev.type == "cpu" else None,
-        "figures": {}, "paths": {}}
+        "figures": {},
+        "paths": {},
+    }
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
     figures = result["figures"]
 
     def add(name: str, unit: str, ours: float, theirs: float) -> None:
         figures[name] = {"unit": unit, "kw": ours, "static": theirs, "ratio": ours / theirs}
 
-    add("params", "M", sum(p.numel() for p in kw_model.parameters()) / 1e6,
-        sum(p.numel() for p in static.parameters()) / 1e6)
+    add(
+        "params",
+        "M",
+        sum(p.numel() for p in kw_model.parameters()) / 1e6,
+        sum(p.numel() for p in static.parameters()) / 1e6,
+    )
     with native.enabled(native_kernels):
         add("macs", "G", count_macs(kw_model, shape).total / 1e9, count_macs(static, shape).total / 1e9)
 
@@ -154,9 +197,14 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
         def make(m: nn.Module) -> Callable[[], Any]:
             def run() -> None:
                 m.eval()
-                with torch.no_grad(), (torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+                with (
+                    torch.no_grad(),
+                    torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext(),
+                ):
                     m(x)
+
             return run
+
         return make
 
     def training(batch: int) -> Callable[[nn.Module], Callable[[], Any]]:
@@ -169,7 +217,9 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
             def run() -> None:
                 m.train()
                 step()
+
             return run
+
         return make
 
     with execution_path(path), native.enabled(native_kernels):
@@ -186,7 +236,7 @@ def benchmark(model: str = "kw_resnet18", budget: Any = 1, batch_size: int = 16,
             for m in (kw_model, static):
                 step = training(memory_batch_size)(m)
                 step()  # gradients and optimizer state exist before measuring
-                peaks.append(peak_memory(step, dev) / 2 ** 20)
+                peaks.append(peak_memory(step, dev) / 2**20)
             add(f"peak train memory b{memory_batch_size}", "MiB", *peaks)
             result["paths"][f"peak train memory b{memory_batch_size}"] = chosen_paths(kw_model)
     return result
@@ -205,10 +255,14 @@ def format_paths(result: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """A markdown table of a :func:`benchmark` result."""
-    lines = [f"| figure | {result['model']} {result['budget']} | {result['static']} | ratio |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"| figure | {result['model']} {result['budget']} | {result['static']} | ratio |",
+        "|---|---:|---:|---:|",
+    ]
     for name, fig in result["figures"].items():
         digits = 3 if fig["unit"] in ("G", "M") else 1
-        lines.append(f"| {name} ({fig['unit']}) | {fig['kw']:.{digits}f} | {fig['static']:.{digits}f} | "
-                     f"{fig['ratio']:.2f}x |")
+        lines.append(
+            f"| {name} ({fig['unit']}) | {fig['kw']:.{digits}f} | {fig['static']:.{digits}f} | "
+            f"{fig['ratio']:.2f}x |"
+        )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Assembling a layer's weights mixes n warehouse cells into each of its m cells: n
 per sample (|W| = the layer's weight count), besides the convolution itself and the attention's
 two small linear layers. Counters that only hook ``nn.Conv2d``/``nn.Linear`` miss the first two.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,18 @@ def sample_shape(model: nn.Module, example: Sequence[int] | torch.Tensor) -> tup
     first convolution says how many dimensions a sample has."""
     shape = tuple(example.shape) if isinstance(example, torch.Tensor) else tuple(example)
     if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in shape):
-        raise ValueError(f"the input must be a shape of positive integers such as (3, 224, 224) or (1, 3, 224, 224), "
-                         f"or an example tensor; got {example if not isinstance(example, torch.Tensor) else shape}")
-    first = next(((name, m) for name, m in model.named_modules()
-                  if isinstance(m, _CONVS) or isinstance(m, KWLayer) and hasattr(m, "dims")), None)
+        raise ValueError(
+            f"the input must be a shape of positive integers such as (3, 224, 224) or (1, 3, 224, 224), "
+            f"or an example tensor; got {example if not isinstance(example, torch.Tensor) else shape}"
+        )
+    first = next(
+        (
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, _CONVS) or isinstance(m, KWLayer) and hasattr(m, "dims")
+        ),
+        None,
+    )
     if first is None:
         return shape  # no convolution: a linear model takes the shape as it is given
     name, layer = first
@@ -35,9 +44,11 @@ def sample_shape(model: nn.Module, example: Sequence[int] | torch.Tensor) -> tup
     if len(shape) == dims + 2:
         return shape[1:]
     if len(shape) != dims + 1:
-        raise ValueError(f"{type(model).__name__}'s first convolution ({name or 'the model'}, {dims}-d) takes "
-                         f"samples of {dims + 1} dimensions (C, ...) or batches of {dims + 2} (B, C, ...); got "
-                         f"shape {shape}")
+        raise ValueError(
+            f"{type(model).__name__}'s first convolution ({name or 'the model'}, {dims}-d) takes "
+            f"samples of {dims + 1} dimensions (C, ...) or batches of {dims + 2} (B, C, ...); got "
+            f"shape {shape}"
+        )
     return shape
 
 
@@ -55,8 +66,10 @@ class MacCount:
         return self.layers + self.assembly + self.attention
 
     def __str__(self) -> str:
-        return (f"{self.total / 1e9:.3f} GMACs (layers {self.layers / 1e9:.3f}, assembly "
-                f"{self.assembly / 1e9:.3f}, attention {self.attention / 1e9:.4f})")
+        return (
+            f"{self.total / 1e9:.3f} GMACs (layers {self.layers / 1e9:.3f}, assembly "
+            f"{self.assembly / 1e9:.3f}, attention {self.attention / 1e9:.4f})"
+        )
 
 
 def count_macs(model: nn.Module, example: Sequence[int] | torch.Tensor) -> MacCount:
@@ -88,9 +101,11 @@ def count_macs(model: nn.Module, example: Sequence[int] | torch.Tensor) -> MacCo
         counts[key] += out.numel() // batch * math.prod(weight_shape[1:])
 
     parameter = next(model.parameters(), None)
-    x = torch.zeros((1, *shape),
-                    device=parameter.device if parameter is not None else None,
-                    dtype=parameter.dtype if parameter is not None else None)
+    x = torch.zeros(
+        (1, *shape),
+        device=parameter.device if parameter is not None else None,
+        dtype=parameter.dtype if parameter is not None else None,
+    )
     counted = [m for m in model.modules() if isinstance(m, (nn.Linear,) + _CONVS) or m in dynamic]
     probe_run(model, [(m, hook) for m in counted], x)
     return MacCount(**counts)

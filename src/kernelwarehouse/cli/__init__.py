@@ -1,4 +1,5 @@
 """The ``kw`` command. Each sub-command lives in a module of this package with ``add_parser``."""
+
 from __future__ import annotations
 
 import argparse

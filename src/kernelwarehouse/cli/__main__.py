@@ -1,4 +1,5 @@
 """``python -m kernelwarehouse.cli``: the kw command (also what torchrun runs)."""
+
 import sys
 
 from . import main

@@ -1,4 +1,5 @@
 """``kw eval``: top-1, top-5, loss, parameters and multiply-adds of a trained checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,34 +39,49 @@ def run(args: argparse.Namespace) -> int:
     _, val, info = load_data(data, config.image_size, limit_val=args.limit_val)
     trained = state["data_info"]
     if (info.num_classes, info.in_chans) != (trained["num_classes"], trained["in_chans"]):
-        raise CommandError(f"{data!r} has {info.num_classes} classes and {info.in_chans} channels; the checkpoint "
-                           f"was trained on {trained['num_classes']} classes and {trained['in_chans']} channels")
+        raise CommandError(
+            f"{data!r} has {info.num_classes} classes and {info.in_chans} channels; the checkpoint "
+            f"was trained on {trained['num_classes']} classes and {trained['in_chans']} channels"
+        )
     device = resolve_device(args.device)
     model.to(device)
-    loader = DataLoader(val, batch_sampler=EpochBatches(len(val), args.batch_size, train=False),
-                        num_workers=args.workers)
+    loader = DataLoader(
+        val, batch_sampler=EpochBatches(len(val), args.batch_size, train=False), num_workers=args.workers
+    )
     metrics = evaluate(model, loader, device)
     image_shape = (info.in_chans, info.image_size, info.image_size)
-    result = {"checkpoint": args.checkpoint, "model": config.model,
-              "budget": format_budget(parse_budget(config.budget)) if config.budget else None,
-              "data": data, "samples": len(val), "epoch": state["epoch"], **metrics,
-              "params": count_parameters(model), "macs": count_macs(model, image_shape).total,
-              "input": list(image_shape), "weights": "ema" if args.ema else "model"}
+    result = {
+        "checkpoint": args.checkpoint,
+        "model": config.model,
+        "budget": format_budget(parse_budget(config.budget)) if config.budget else None,
+        "data": data,
+        "samples": len(val),
+        "epoch": state["epoch"],
+        **metrics,
+        "params": count_parameters(model),
+        "macs": count_macs(model, image_shape).total,
+        "input": list(image_shape),
+        "weights": "ema" if args.ema else "model",
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         budget = f" {result['budget']}" if result["budget"] else ""
         print(f"{config.model}{budget} (epoch {state['epoch']}) on {data}, {len(val)} samples")
         print(f"  top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
-        print(f"  params {result['params']:,}  MACs {result['macs']:,} per {'x'.join(map(str, image_shape))} "
-              f"sample (kernel assembly and attention included)")
+        print(
+            f"  params {result['params']:,}  MACs {result['macs']:,} per {'x'.join(map(str, image_shape))} "
+            f"sample (kernel assembly and attention included)"
+        )
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5, loss, params, MACs")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by kw train")
-    parser.add_argument("--data", help="dataset (default: the one it was trained on); its validation split is used")
+    parser.add_argument(
+        "--data", help="dataset (default: the one it was trained on); its validation split is used"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--workers", type=int, default=0)

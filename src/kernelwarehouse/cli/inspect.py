@@ -1,4 +1,5 @@
 """``kw inspect``: what a trained KernelWarehouse model's attentions learned, as plots and a summary."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ def run(args: argparse.Namespace) -> int:
     stats = attention_statistics(model, images)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    text = (f"{config.model} budget {config.budget or 'default'}, epoch {state['epoch']}, "
-            f"{count} validation samples of {args.data or config.data}\n\n{summary_text(stats, model)}\n")
+    text = (
+        f"{config.model} budget {config.budget or 'default'}, epoch {state['epoch']}, "
+        f"{count} validation samples of {args.data or config.data}\n\n{summary_text(stats, model)}\n"
+    )
     (output / "summary.txt").write_text(text)
     plots = save_attention_plots(stats, output)
     print(text)

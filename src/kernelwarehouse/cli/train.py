@@ -3,6 +3,7 @@
 Options left out take the recipe's value (``--recipe``), else, when resuming, the checkpoint's,
 else the defaults. Under ``torchrun --nproc_per_node N $(which kw) train ...`` it trains with DDP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
         values["output"] = str(Path("runs") / f"{values['model']}{suffix}")
     config = TrainConfig.from_dict(values)
     if resume is None and (Path(config.output) / "last.pt").exists():
-        raise CommandError(f"{config.output} already holds a run (last.pt); resume it with --resume "
-                           f"{Path(config.output) / 'last.pt'} or choose another --output")
+        raise CommandError(
+            f"{config.output} already holds a run (last.pt); resume it with --resume "
+            f"{Path(config.output) / 'last.pt'} or choose another --output"
+        )
     return config, resume
 
 
@@ -97,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if trainer.env.is_main and history:
         best = trainer.best
-        print(f"done: {config.model} {format_budget(parse_budget(config.budget)) if config.budget else ''} "
-              f"best val top-1 {best['top1']:.2f}% (epoch {best['epoch']}), {trainer.num_parameters:,} params; "
-              f"checkpoints in {config.output}")
+        print(
+            f"done: {config.model} {format_budget(parse_budget(config.budget)) if config.budget else ''} "
+            f"best val top-1 {best['top1']:.2f}% (epoch {best['epoch']}), {trainer.num_parameters:,} params; "
+            f"checkpoints in {config.output}"
+        )
     return 0
 
 
@@ -112,30 +117,52 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where to train (auto)")
     parser.add_argument("--workers", type=int, help="data-loading processes per training process (0)")
     parser.add_argument("--temp-epochs", type=float, help="epochs over which tau anneals from 1 to 0")
-    parser.add_argument("--baseline-temp-epochs", type=float,
-                        help="epochs over which DY-Conv's / ODConv's temperature falls from 30 to 1 "
-                             "(default: --temp-epochs; the demo: the whole run)")
+    parser.add_argument(
+        "--baseline-temp-epochs",
+        type=float,
+        help="epochs over which DY-Conv's / ODConv's temperature falls from 30 to 1 "
+        "(default: --temp-epochs; the demo: the whole run)",
+    )
     parser.add_argument("--limit-train", type=int, help="train on the first N samples of a fixed shuffle")
     parser.add_argument("--limit-val", type=int, help="evaluate on the first N samples of a fixed shuffle")
-    parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                        help="extra options for create_model, e.g. stem_width=8 channels=(8,16,32,64) norm=layer")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="extra options for create_model, e.g. stem_width=8 channels=(8,16,32,64) norm=layer",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="train a model (digits, CIFAR folder or ImageFolder tree)",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "train",
+        help="train a model (digits, CIFAR folder or ImageFolder tree)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", help="registered model name (see kw models)")
     parser.add_argument("--budget", help="KernelWarehouse budget b, e.g. 1/2, 0.5, 4x (kw_* models)")
-    parser.add_argument("--data", help="'digits', a CIFAR-10/100 python folder or an ImageFolder tree (train/, val/)")
+    parser.add_argument(
+        "--data", help="'digits', a CIFAR-10/100 python folder or an ImageFolder tree (train/, val/)"
+    )
     parser.add_argument("--output", help="run directory (default runs/MODEL-BUDGET)")
     parser.add_argument("--resume", help="checkpoint (or run directory) to continue from")
     parser.add_argument("--recipe", help="named recipe (see kw recipes)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="mixed precision (CUDA)")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep and evaluate an exponential moving average of the weights")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)"
+    )
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep and evaluate an exponential moving average of the weights",
+    )
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--optimizer", choices=("sgd", "adamw"))
     parser.add_argument("--momentum", type=float)
@@ -146,15 +173,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--drop-path", type=float)
     parser.add_argument("--mixup", type=float, help="mixup alpha (timm's Mixup; 0 = off)")
     parser.add_argument("--cutmix", type=float, help="cutmix alpha (timm's Mixup; 0 = off)")
-    parser.add_argument("--rand-augment", help="timm RandAugment policy for ImageFolder data, e.g. rand-m9-mstd0.5-inc1")
+    parser.add_argument(
+        "--rand-augment", help="timm RandAugment policy for ImageFolder data, e.g. rand-m9-mstd0.5-inc1"
+    )
     parser.add_argument("--random-erasing", type=float, help="random erasing probability (ImageFolder data)")
     parser.add_argument("--image-size", type=int, help="ImageFolder image size (recipe or 224)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format on CUDA")
-    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                        help="deterministic kernels (default on)")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format on CUDA",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="deterministic kernels (default on)",
+    )
     parser.add_argument("--log-interval", type=int, help="steps between entries of steps.csv (10)")
-    parser.add_argument("--skip-unreadable", action=argparse.BooleanOptionalAction, default=None,
-                        help="skip images that cannot be read (counted per epoch) instead of stopping")
+    parser.add_argument(
+        "--skip-unreadable",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip images that cannot be read (counted per epoch) instead of stopping",
+    )
     add_training_options(parser)
     parser.set_defaults(run=run)

@@ -10,6 +10,7 @@ so a mapped model computes what the reference computed.
 :func:`pretrained_filter` lets timm's own pretrained path load such a checkpoint:
 ``timm.create_model("kw_resnet18", budget=1, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,14 +44,21 @@ class MappingReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys)}"
-                 for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                                     ("shape mismatch", self.mismatched)) if keys]
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys)}"
+            for label, keys in (
+                ("missing", self.missing),
+                ("unexpected", self.unexpected),
+                ("shape mismatch", self.mismatched),
+            )
+            if keys
+        ]
         return "; ".join(parts) or "all keys mapped"
 
 
-def _our_keys(key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str],
-              warehouse_keys: list[list[str]]) -> list[str]:
+def _our_keys(
+    key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str], warehouse_keys: list[list[str]]
+) -> list[str]:
     match = re.fullmatch(re.escape(WAREHOUSES) + r"weights\.(\d+)", key)
     if match:
         index = int(match.group(1))
@@ -58,7 +66,7 @@ def _our_keys(key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str
     key = key.replace(".attention.norm1.", ".attention.norm.")
     for path in linear_paths:
         if key.startswith(path + ".conv."):
-            key = path + "." + key[len(path) + 6:]
+            key = path + "." + key[len(path) + 6 :]
     if key in ours:
         return [key]
     module, _, name = key.rpartition(".")
@@ -66,8 +74,9 @@ def _our_keys(key: str, ours: Mapping[str, torch.Tensor], linear_paths: list[str
     return [wrapped] if wrapped in ours else []
 
 
-def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
-                              family: Family | None = None) -> MappingReport:
+def load_reference_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, family: Family | None = None
+) -> MappingReport:
     """Copy a reference-layout ``state_dict`` into ``model``; raise (strict) or report what did not map.
 
     ``family`` gives the module renaming of a zoo model (found from ``model.pretrained_cfg`` when
@@ -75,7 +84,9 @@ def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Any], s
     """
     family = family or family_of(model)
     rename = module_renamer(family.reference_names(model) if family else {})
-    state_dict = {key if key.startswith(WAREHOUSES) else rename(key): value for key, value in state_dict.items()}
+    state_dict = {
+        key if key.startswith(WAREHOUSES) else rename(key): value for key, value in state_dict.items()
+    }
     ours = model.state_dict()
     layers = kw_layers(model)
     linear_paths = [name for name, layer in layers if isinstance(layer, KWLinear)]
@@ -116,8 +127,17 @@ def model_from_reference_config(config: Mapping[str, Any], **kwargs: Any) -> nn.
     """Build our model from a reference configuration (``{"model": "kw_resnet18", ...}``)."""
     config = dict(config)
     name = config.pop("model")
-    options = {k: config[k] for k in ("reduction", "cell_inplane_ratio", "cell_outplane_ratio",
-                                      "nonlocal_basis_ratio", "sharing_range") if k in config}
+    options = {
+        k: config[k]
+        for k in (
+            "reduction",
+            "cell_inplane_ratio",
+            "cell_outplane_ratio",
+            "nonlocal_basis_ratio",
+            "sharing_range",
+        )
+        if k in config
+    }
     if isinstance(options.get("sharing_range"), list):
         options["sharing_range"] = tuple(options["sharing_range"])
     half = re.fullmatch(r"kw1d2x_(\w+)", name)
@@ -134,21 +154,29 @@ def pretrained_filter(family: Family) -> Callable[[Mapping[str, Any], nn.Module]
     is mapped onto the model, a static model's state dict warm-starts it (exact at tau = 1 for
     budgets >= 1), and one of ours passes through. A classifier of another size is left to timm
     (it drops it when ``num_classes`` differs from the checkpoint's)."""
+
     def load(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
         state_dict = dict(state_dict)
         layers = [name for name, _ in kw_layers(model)]
         if any(key.startswith(WAREHOUSES) for key in state_dict):
             report = load_reference_state_dict(model, state_dict, strict=False, family=family)
             classifier = _classifier_prefixes(model)
-            if report.unexpected or any(not key.startswith(classifier) for key in report.missing + report.mismatched):
+            if report.unexpected or any(
+                not key.startswith(classifier) for key in report.missing + report.mismatched
+            ):
                 raise KeyError(f"reference checkpoint does not map onto {type(model).__name__}: {report}")
             return model.state_dict()  # complete: what did not map keeps the model's own values
-        if layers and all(f"{name}.weight" in state_dict for name in layers) and not any(
-                f"{name}.warehouse.weight" in state_dict for name in layers):
+        if (
+            layers
+            and all(f"{name}.weight" in state_dict for name in layers)
+            and not any(f"{name}.warehouse.weight" in state_dict for name in layers)
+        ):
             from ..convert import load_static_state_dict
+
             load_static_state_dict(model, state_dict)
             return model.state_dict()
         return state_dict
+
     return load
 
 

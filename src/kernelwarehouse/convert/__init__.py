@@ -18,6 +18,7 @@ temperature initialisation beta points at: at tau = 1 every cell's mixture is ex
 so the converted model computes what the original computed. Anneal tau with
 :class:`~kernelwarehouse.core.temperature.TemperatureSchedule` while fine-tuning.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -30,11 +31,23 @@ from .planning import MAX_ATTENTION, Conversion, Sharing, plan_conversion, plan_
 from .warm_start import load_static_state_dict, load_static_weights
 
 
-def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
-            include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-            sharing: Sharing = "stage", norm: str = "batch", *, linear: bool | None = None,
-            example_input: torch.Tensor | tuple | None = None, max_attention: float = MAX_ATTENTION,
-            verbose: bool = False, method: str = "kw", kernel_num: int = 4, **ratios: Any) -> nn.Module:
+def convert(
+    model: nn.Module,
+    budget: Any = 1.0,
+    warm_start: bool = False,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    sharing: Sharing = "stage",
+    norm: str = "batch",
+    *,
+    linear: bool | None = None,
+    example_input: torch.Tensor | tuple | None = None,
+    max_attention: float = MAX_ATTENTION,
+    verbose: bool = False,
+    method: str = "kw",
+    kernel_num: int = 4,
+    **ratios: Any,
+) -> nn.Module:
     """Replace ``model``'s static layers by KernelWarehouse layers, in place; returns ``model``.
 
     Args:
@@ -58,10 +71,12 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
         **ratios: further warehouse options (``cell_inplane_ratio``, ``reduction``, ...), one value
             or a mapping from warehouse name to value.
     """
-    conversion, originals = plan_with_originals(model, budget, include, exclude, sharing, norm, linear,
-                                                example_input, max_attention, ratios)
+    conversion, originals = plan_with_originals(
+        model, budget, include, exclude, sharing, norm, linear, example_input, max_attention, ratios
+    )
     if method != "kw":
         from ..baselines.models import convert_to_baseline  # the baselines register models on import
+
         return convert_to_baseline(model, originals, method, kernel_num, warm_start)
     apply_plan(model, conversion.plan)
     for name, static in originals.items():  # a new layer trains or evaluates as the one it replaces
@@ -71,7 +86,6 @@ def convert(model: nn.Module, budget: Any = 1.0, warm_start: bool = False,
     if warm_start:
         load_static_weights(model, originals, conversion.plan)
     return model
-
 
 
 __all__ = ["Conversion", "convert", "load_static_state_dict", "load_static_weights", "plan_conversion"]

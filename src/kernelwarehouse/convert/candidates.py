@@ -1,5 +1,6 @@
 """Which layers of a model :func:`~kernelwarehouse.convert` may turn into KernelWarehouse layers:
 the convolutions, the Linear layers where they count, and the ``include`` / ``exclude`` patterns."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,8 +19,9 @@ def typed_layers(model: nn.Module, with_linear: bool) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, types)}
 
 
-def find_candidates(model: nn.Module, linear: bool | None, explicit: bool
-                    ) -> tuple[dict[str, nn.Module], list[tuple[str, str]], bool]:
+def find_candidates(
+    model: nn.Module, linear: bool | None, explicit: bool
+) -> tuple[dict[str, nn.Module], list[tuple[str, str]], bool]:
     """The convertible layers, the ones left static for their type, and whether Linear counts."""
     convs, linears, skipped = {}, {}, []
     inside = tuple(f"{name}." for name, _ in kw_layers(model))  # attention branches of KW layers
@@ -64,8 +66,10 @@ def select(candidates: dict[str, nn.Module], patterns: Sequence[str], what: str)
     for pattern in patterns:
         hits = {n: m for n, m in candidates.items() if matches(n, pattern)}
         if not hits:
-            raise ValueError(f"{what} pattern {pattern!r} matches no convertible layer "
-                             f"(Conv1d/2d/3d or Linear); examples of layer paths: {list(candidates)[:4]}")
+            raise ValueError(
+                f"{what} pattern {pattern!r} matches no convertible layer "
+                f"(Conv1d/2d/3d or Linear); examples of layer paths: {list(candidates)[:4]}"
+            )
         chosen.update(hits)
     return {n: m for n, m in candidates.items() if n in chosen}
 

@@ -1,5 +1,6 @@
 """Grouping the candidate layers of :func:`~kernelwarehouse.convert` into stages: neighbouring layers
 between resolution changes (Li & Yao, ICML 2024, Sec. 3.2), read from one probe run of the model."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,9 @@ PROBE_SIZE = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
 Sharing = str | Callable[[str], str | None]
 
 
-def stage_groups(model: nn.Module, candidates: dict[str, nn.Module], sharing: Sharing, example_input
-                 ) -> tuple[list[str], dict[str, str | None], list[str]]:
+def stage_groups(
+    model: nn.Module, candidates: dict[str, nn.Module], sharing: Sharing, example_input
+) -> tuple[list[str], dict[str, str | None], list[str]]:
     """Execution order of the candidates and each one's group label."""
     names = list(candidates)
     if sharing == "layer":
@@ -34,9 +36,12 @@ def stage_groups(model: nn.Module, candidates: dict[str, nn.Module], sharing: Sh
     try:
         order, resolution = _probe(model, candidates, example_input)
     except Exception as error:  # the model may need inputs we cannot guess
-        warnings.warn(f"could not run {type(model).__name__} on a probe input ({type(error).__name__}: "
-                      f"{error}); stages follow strided convolutions in module order instead. Pass "
-                      f"example_input= to group by resolution", stacklevel=4)
+        warnings.warn(
+            f"could not run {type(model).__name__} on a probe input ({type(error).__name__}: "
+            f"{error}); stages follow strided convolutions in module order instead. Pass "
+            f"example_input= to group by resolution",
+            stacklevel=4,
+        )
         order, resolution = names, _strided_stages(candidates)
         notes.append("stages from strided convolutions in module order (the probe run failed)")
     labels, stage, current = {}, 0, None
@@ -51,8 +56,9 @@ def stage_groups(model: nn.Module, candidates: dict[str, nn.Module], sharing: Sh
     return order, labels, notes
 
 
-def _probe(model: nn.Module, candidates: dict[str, nn.Module], example_input
-           ) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+def _probe(
+    model: nn.Module, candidates: dict[str, nn.Module], example_input
+) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     """Run the model once; record the order layers run in and the resolution of their outputs."""
     if example_input is None:
         example_input = _default_input(model)
@@ -63,8 +69,11 @@ def _probe(model: nn.Module, candidates: dict[str, nn.Module], example_input
             shape = tuple(output.shape)
             resolution[name] = shape[1:-1] if isinstance(module, nn.Linear) else shape[2:]
 
-    probe_run(model, [(m, lambda mod, _, out, name=n: hook(name, mod, out)) for n, m in candidates.items()],
-              example_input)
+    probe_run(
+        model,
+        [(m, lambda mod, _, out, name=n: hook(name, mod, out)) for n, m in candidates.items()],
+        example_input,
+    )
     return list(resolution), resolution
 
 

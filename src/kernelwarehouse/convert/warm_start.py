@@ -1,5 +1,6 @@
 """Warm start: the static weights written into the warehouse slots that the temperature
 initialisation beta points at, so that at tau = 1 a converted model computes what the original did."""
+
 from __future__ import annotations
 
 import warnings
@@ -29,7 +30,9 @@ def load_static_weights(model: nn.Module, originals: Mapping[str, nn.Module], pl
     for lp in plan.layers:
         layer, static = modules[lp.name], originals[lp.name]
         if not isinstance(layer, KWLayer):
-            raise TypeError(f"warm start: {lp.name!r} is a {type(layer).__name__}, not a KernelWarehouse layer")
+            raise TypeError(
+                f"warm start: {lp.name!r} is a {type(layer).__name__}, not a KernelWarehouse layer"
+            )
         store = layer.warehouse.weight
         target = static.weight.detach().reshape(lp.spec.weight_shape).to(store)
         cells = split_into_cells(target, lp.grid, store.shape[1:])
@@ -47,10 +50,13 @@ def load_static_weights(model: nn.Module, originals: Mapping[str, nn.Module], pl
         error = float((rebuilt - target).norm() / target.norm().clamp_min(1e-12))
         worst = max(worst, (error, lp.name))
     if lost:
-        warnings.warn(f"warm start is not exact at this budget: {lost} of "
-                      f"{sum(p.num_cells for p in plan.layers)} cells start at the zero cell; largest "
-                      f"relative weight error {worst[0]:.3f} ({worst[1]}). Use a budget >= 1 for an "
-                      f"exact start", stacklevel=3)
+        warnings.warn(
+            f"warm start is not exact at this budget: {lost} of "
+            f"{sum(p.num_cells for p in plan.layers)} cells start at the zero cell; largest "
+            f"relative weight error {worst[0]:.3f} ({worst[1]}). Use a budget >= 1 for an "
+            f"exact start",
+            stacklevel=3,
+        )
     return worst[0]
 
 
@@ -66,15 +72,18 @@ def load_static_state_dict(model: nn.Module, state_dict: Mapping[str, Any], stri
     absent = [f"{name}.weight" for name in layers if f"{name}.weight" not in state_dict]
     if absent:
         raise KeyError(f"static state_dict has no weight for the KernelWarehouse layer(s) {absent}")
-    originals = {name: _StaticWeights(state_dict[f"{name}.weight"], state_dict.get(f"{name}.bias"))
-                 for name in layers}
+    originals = {
+        name: _StaticWeights(state_dict[f"{name}.weight"], state_dict.get(f"{name}.bias")) for name in layers
+    }
     prefixes = tuple(f"{name}." for name in layers)
     rest = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
     result = model.load_state_dict(rest, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(prefixes) and not k.startswith(ANNEALING)]
     if strict and (missing or result.unexpected_keys):
-        raise KeyError(f"static state_dict does not fit {type(model).__name__}: missing {missing}, "
-                       f"unexpected {result.unexpected_keys}")
+        raise KeyError(
+            f"static state_dict does not fit {type(model).__name__}: missing {missing}, "
+            f"unexpected {result.unexpected_keys}"
+        )
     return load_static_weights(model, originals, plan_of(model))
 
 

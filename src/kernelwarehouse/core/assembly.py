@@ -4,6 +4,7 @@ Cells of a layer are numbered (spatial block, output block, input block); cell (
 ``W[o*c_out:(o+1)*c_out, i*c_in:(i+1)*c_in]`` at kernel position s (row-major), or the whole
 kernel when cells are not split spatially.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from .. import native
 from .plan import CellGrid
 
 
-def assemble_weights(mixture: torch.Tensor, cells: torch.Tensor, grid: CellGrid,
-                     weight_shape: Sequence[int]) -> torch.Tensor:
+def assemble_weights(
+    mixture: torch.Tensor, cells: torch.Tensor, grid: CellGrid, weight_shape: Sequence[int]
+) -> torch.Tensor:
     """(B, m, n) mixture weights and (n, c_out, c_in, *k_cell) cells -> (B, *weight_shape)."""
     batch, num, c_out, dims = mixture.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
     kernel = range(6, 6 + dims)
@@ -32,12 +34,11 @@ def assemble_weights(mixture: torch.Tensor, cells: torch.Tensor, grid: CellGrid,
     return mixed.permute(1, 3, 0, 4, 5, 2, *kernel).reshape(batch, *weight_shape)
 
 
-
 def split_into_cells(weight: torch.Tensor, grid: CellGrid, cell_shape: Sequence[int]) -> torch.Tensor:
     """The inverse of assembly: (*weight_shape) -> (m, *cell_shape), or with a leading batch
     dimension (B, *weight_shape) -> (B, m, *cell_shape)."""
     dims = len(cell_shape) - 2
-    batch = weight.shape[:weight.dim() - dims - 2]
+    batch = weight.shape[: weight.dim() - dims - 2]
     lead = len(batch)
     spatial, out_blocks, in_blocks = grid
     c_out, c_in = cell_shape[:2]
@@ -48,21 +49,22 @@ def split_into_cells(weight: torch.Tensor, grid: CellGrid, cell_shape: Sequence[
     return cells.reshape(*batch, spatial * out_blocks * in_blocks, *cell_shape)
 
 
-
 def cells_by_output(cells: torch.Tensor) -> torch.Tensor:
     """(n, c_out, c_in, *k_cell) cells as a (c_out, n, c_in * k_cell) view: one matrix per output channel."""
     return cells.reshape(cells.shape[0], cells.shape[1], -1).transpose(0, 1)
 
 
-
-def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None,
-             accumulate: bool = False) -> torch.Tensor:
+def mix_rows(
+    rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """Mixture rows (r, n) applied to each output channel's cells (c, n, d): (c, r, d), written to
     ``out`` when given, or added to it with ``accumulate``. By the native kernel where it applies
     (:mod:`kernelwarehouse.native`), which serves any product with a small inner dimension n."""
     channels, num, length = by_output.shape
-    if (native.applies(rows, by_output, *([] if out is None else [out]))  # first: it is False under tracing
-            and native.worthwhile(channels * rows.shape[0] * num * length, length)):
+    if (
+        native.applies(rows, by_output, *([] if out is None else [out]))  # first: it is False under tracing
+        and native.worthwhile(channels * rows.shape[0] * num * length, length)
+    ):
         return native.mix_rows(rows, by_output, out, accumulate)
     rows = rows.expand(by_output.shape[0], -1, -1)
     if accumulate:
@@ -72,15 +74,20 @@ def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | No
 
 def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`mix_rows` with respect to its rows, from its output's (c, r, d): (r, n)."""
-    if native.applies(grad, by_output) and native.worthwhile(grad.shape[:2].numel() * by_output[0].numel(),
-                                                             grad.shape[2]):
+    if native.applies(grad, by_output) and native.worthwhile(
+        grad.shape[:2].numel() * by_output[0].numel(), grad.shape[2]
+    ):
         return native.rows_gradient(grad, by_output)
     return torch.bmm(grad, by_output.transpose(1, 2)).sum(0)
 
 
-def assemble_in_weight_order(attention: torch.Tensor, cells: torch.Tensor, grid: Sequence[int],
-                             weight_shape: Sequence[int],
-                             cells_by_row: torch.Tensor | None = None) -> torch.Tensor:
+def assemble_in_weight_order(
+    attention: torch.Tensor,
+    cells: torch.Tensor,
+    grid: Sequence[int],
+    weight_shape: Sequence[int],
+    cells_by_row: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`assemble_weights` as one (broadcast) matrix product whose result is already in the
     weight's memory order, so that no weight-sized tensor is transposed: the form for exported
     graphs, where a transposition of every assembled weight costs more than the product itself.

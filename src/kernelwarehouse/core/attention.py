@@ -4,6 +4,7 @@ For each of a layer's m cells it produces n mixture weights
 ``a = (1 - tau) * z / (sum|z| + eps) + tau * beta``, where the sum runs over the n warehouse cells
 and one extra *zero cell*, which is dropped afterwards.
 """
+
 from __future__ import annotations
 
 import torch
@@ -73,14 +74,16 @@ class KWAttention(nn.Module):
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """The raw z of shape (B, m, n + 1), before normalisation."""
         if self.training and isinstance(self.norm, nn.BatchNorm1d) and pooled.shape[0] == 1:
-            raise ValueError("KernelWarehouse attention with BatchNorm cannot train on a batch of 1: "
-                             "call model.eval(), or build the model with norm='layer'")
+            raise ValueError(
+                "KernelWarehouse attention with BatchNorm cannot train on a batch of 1: "
+                "call model.eval(), or build the model with norm='layer'"
+            )
         z = self.fc2(F.relu(self.norm(self.fc1(pooled))))
         batch = pooled.shape[0]
         if self.num_basis:
             z = z.reshape(batch * self.num_cells, -1)
-            local = z[:, :self.num_local]
-            others = self.fc3(z[:, self.num_local:-1])
+            local = z[:, : self.num_local]
+            others = self.fc3(z[:, self.num_local : -1])
             start = self.local_start
             z = torch.cat([others[:, :start], local, others[:, start:], z[:, -1:]], dim=1)
             z = z.reshape(batch, -1) + self.basis_bias

@@ -4,6 +4,7 @@
 named in ``keys`` (module path -> hierarchical warehouse key), plans their warehouses, creates
 every warehouse and layer whole, and only then puts the new layers in place of the old ones.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -15,7 +16,10 @@ from .plan import LayerPlan, LayerSpec, Plan, plan_warehouses
 from .warehouse import Warehouse
 
 STATIC_TO_KW: dict[type[nn.Module], type[KWLayer]] = {
-    nn.Conv1d: KWConv1d, nn.Conv2d: KWConv2d, nn.Conv3d: KWConv3d, nn.Linear: KWLinear,
+    nn.Conv1d: KWConv1d,
+    nn.Conv2d: KWConv2d,
+    nn.Conv3d: KWConv3d,
+    nn.Linear: KWLinear,
 }
 
 
@@ -27,10 +31,13 @@ def layer_spec(name: str, module: nn.Module, key: str | None = None) -> LayerSpe
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"layer {name!r}: transposed convolutions are not supported")
-        return LayerSpec(name, key, module.in_channels, module.out_channels, tuple(module.kernel_size),
-                         module.groups)
-    raise TypeError(f"layer {name!r} is a {type(module).__name__}; only Conv1d/2d/3d and Linear "
-                    f"can become KernelWarehouse layers")
+        return LayerSpec(
+            name, key, module.in_channels, module.out_channels, tuple(module.kernel_size), module.groups
+        )
+    raise TypeError(
+        f"layer {name!r} is a {type(module).__name__}; only Conv1d/2d/3d and Linear "
+        f"can become KernelWarehouse layers"
+    )
 
 
 def kw_layer_like(module: nn.Module, plan: LayerPlan, warehouse: Warehouse) -> KWLayer:
@@ -39,17 +46,29 @@ def kw_layer_like(module: nn.Module, plan: LayerPlan, warehouse: Warehouse) -> K
     if cls is None:
         raise TypeError(f"no KernelWarehouse layer for {type(module).__name__}")
     if cls is KWLinear:
-        layer = KWLinear(module.in_features, module.out_features, module.bias is not None,
-                         plan=plan, warehouse=warehouse)
+        layer = KWLinear(
+            module.in_features, module.out_features, module.bias is not None, plan=plan, warehouse=warehouse
+        )
     else:
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                    module.padding, module.dilation, module.groups, module.bias is not None,
-                    module.padding_mode, plan=plan, warehouse=warehouse)
+        layer = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            plan=plan,
+            warehouse=warehouse,
+        )
     return layer.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
-def plan_model(model: nn.Module, keys: Mapping[str, str], sharing_range: Sequence[str] = (),
-               **ratios: Any) -> Plan:
+def plan_model(
+    model: nn.Module, keys: Mapping[str, str], sharing_range: Sequence[str] = (), **ratios: Any
+) -> Plan:
     """Plan the layers named in ``keys``, visited in the model's module order."""
     modules = dict(model.named_modules())
     missing = [name for name in keys if name not in modules]
@@ -84,8 +103,9 @@ def replace_modules(model: nn.Module, new_modules: Mapping[str, nn.Module]) -> n
     return model
 
 
-def build_kernelwarehouse(model: nn.Module, keys: Mapping[str, str], sharing_range: Sequence[str] = (),
-                          **ratios: Any) -> nn.Module:
+def build_kernelwarehouse(
+    model: nn.Module, keys: Mapping[str, str], sharing_range: Sequence[str] = (), **ratios: Any
+) -> nn.Module:
     """Plan and apply in one step; returns ``model`` with its KernelWarehouse layers in place."""
     return apply_plan(model, plan_model(model, keys, sharing_range, **ratios))
 

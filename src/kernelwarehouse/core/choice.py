@@ -15,9 +15,11 @@ ignored with a warning. ``KERNELWAREHOUSE_PATH_CACHE=0`` keeps choices in memory
 ``KERNELWAREHOUSE_PATH_CHOICE=rule`` (or :func:`set_path_choice` / :func:`path_choice`) replaces
 timing by the fixed rule :func:`.paths.rule_choice`: deterministic across machines, for tests.
 Under ``torch.distributed`` rank 0 decides the paths of training calls (measures, or reads its
-cache) and every rank runs its choice; each rank decides its own inference calls. :func:`path_choices` and :func:`load_path_choices` carry the table, e.g. in a checkpoint,
-so a resumed run takes the paths of the run it continues.
+cache) and every rank runs its choice; each rank decides its own inference calls.
+:func:`path_choices` and :func:`load_path_choices` carry the table, e.g. in a checkpoint, so a
+resumed run takes the paths of the run it continues.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +39,16 @@ from .. import native, tuning
 from ..cache import cache_dir
 from .paths import REGISTRY, LayerCall, check_choice
 
-__all__ = ["MODES", "cache_file", "clear_path_choices", "get_path_choice", "load_path_choices", "path_choice",
-           "path_choices", "set_path_choice"]
+__all__ = [
+    "MODES",
+    "cache_file",
+    "clear_path_choices",
+    "get_path_choice",
+    "load_path_choices",
+    "path_choice",
+    "path_choices",
+    "set_path_choice",
+]
 
 MODES = ("measured", "rule")
 
@@ -94,8 +104,12 @@ def clear_path_choices() -> None:
     _by_call.clear()
 
 
-def measured(call: LayerCall, candidates: list[str], runner: Callable[[str], Callable[[], None]],
-             fallback: Callable[[], str]) -> str:
+def measured(
+    call: LayerCall,
+    candidates: list[str],
+    runner: Callable[[str], Callable[[], None]],
+    fallback: Callable[[], str],
+) -> str:
     """The measured choice for ``call`` among ``candidates``; ``runner(choice)`` gives a function
     that runs the call along ``choice`` once. ``fallback()`` gives the rule's choice, taken where
     timing cannot run here (inside a saved-tensors hook region such as activation checkpointing)."""
@@ -120,8 +134,9 @@ def measured(call: LayerCall, candidates: list[str], runner: Callable[[str], Cal
                 return fallback()  # not recorded: measured at the next call outside the region
             times: dict[str, float] = {}
             for candidate in candidates:
-                times[candidate] = time_candidate(runner(candidate), call.device, candidate,
-                                                  min(times.values(), default=float("inf")))
+                times[candidate] = time_candidate(
+                    runner(candidate), call.device, candidate, min(times.values(), default=float("inf"))
+                )
             choice = min(times, key=times.__getitem__)
             _store(key, choice, times)
     if store is not None and torch.distributed.get_rank() == 0:
@@ -170,11 +185,13 @@ def _saved_tensor_hooks_active() -> bool:
 
 # -- the persistent cache ---------------------------------------------------------------------------
 
+
 def cache_file() -> Path | None:
     """This machine's file of measured choices, or None when persistence is off."""
     if os.environ.get("KERNELWAREHOUSE_PATH_CACHE", "1") == "0":
         return None
     from .. import __version__
+
     # the registered paths too: choices made before a path was added would never time it
     identity = json.dumps(_machine(), sort_keys=True) + torch.__version__ + __version__ + ",".join(REGISTRY)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -184,8 +201,11 @@ def cache_file() -> Path | None:
 @functools.lru_cache(maxsize=None)
 def _machine() -> dict[str, str]:
     """What identifies this machine's timings (read once per process)."""
-    machine = {"cpu": native.cpu_model(), "isa": hashlib.sha256(native.cpu_features().encode()).hexdigest()[:12],
-               "native": str(native.variant())}
+    machine = {
+        "cpu": native.cpu_model(),
+        "isa": hashlib.sha256(native.cpu_features().encode()).hexdigest()[:12],
+        "native": str(native.variant()),
+    }
     if torch.cuda.is_available():
         machine["gpus"] = ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return machine
@@ -203,8 +223,12 @@ def _read_disk() -> dict[str, dict]:
                     raise ValueError("no 'choices' table")
                 _disk = {k: v for k, v in data["choices"].items() if isinstance(v, dict) and "path" in v}
             except (OSError, ValueError) as error:
-                warnings.warn(f"kernelwarehouse: ignoring the damaged path cache {path} ({error}); "
-                              f"paths are measured again", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"kernelwarehouse: ignoring the damaged path cache {path} ({error}); "
+                    f"paths are measured again",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _disk
 
 
@@ -231,4 +255,6 @@ def _store(key: str, choice: str, times: dict[str, float]) -> None:
             json.dump({"machine": _machine(), "choices": disk}, f, indent=1, sort_keys=True)
         os.replace(partial, path)
     except OSError as error:
-        warnings.warn(f"kernelwarehouse: cannot write the path cache {path} ({error})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"kernelwarehouse: cannot write the path cache {path} ({error})", RuntimeWarning, stacklevel=2
+        )

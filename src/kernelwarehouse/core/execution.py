@@ -42,6 +42,7 @@ the first time a layer geometry is seen (:mod:`.choice`), or by the fixed rule
 traced, exported or compiled (``unfold`` there, so the graph serves every batch size, or ``conv``
 where an export fixes the batch).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,13 +52,35 @@ import torch
 
 from .assembly import assemble_weights, split_into_cells
 from .choice import get_path_choice, measured
-from .paths import (REGISTRY, LayerCall, candidates, check_choice, choose_path, fall_back, rule_choice,
-                    run_choice, scale_and_shift, split_choice)
+from .paths import (
+    REGISTRY,
+    LayerCall,
+    candidates,
+    check_choice,
+    choose_path,
+    fall_back,
+    rule_choice,
+    run_choice,
+    scale_and_shift,
+    split_choice,
+)
 from .per_sample import ConvGeometry, add_bias, conv_per_sample, linear_per_sample
 
-__all__ = ["PATHS", "ConvGeometry", "assemble_weights", "choose_path", "conv_per_sample", "execution_path",
-           "get_execution_path", "kw_conv", "kw_conv_and_choice", "linear_per_sample", "resolve_path",
-           "set_execution_path", "split_into_cells"]
+__all__ = [
+    "PATHS",
+    "ConvGeometry",
+    "assemble_weights",
+    "choose_path",
+    "conv_per_sample",
+    "execution_path",
+    "get_execution_path",
+    "kw_conv",
+    "kw_conv_and_choice",
+    "linear_per_sample",
+    "resolve_path",
+    "set_execution_path",
+    "split_into_cells",
+]
 
 #: The paths one can ask for; a path with several backward forms also takes ``"path:form"``.
 PATHS = ("auto", *REGISTRY)
@@ -75,10 +98,8 @@ def set_execution_path(path: str) -> str:
     return previous
 
 
-
 def get_execution_path() -> str:
     return _path
-
 
 
 @contextlib.contextmanager
@@ -91,17 +112,18 @@ def execution_path(path: str) -> Iterator[None]:
         set_execution_path(previous)
 
 
-
-def resolve_path(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
-                 path: str | None = None) -> str:
+def resolve_path(
+    x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry, path: str | None = None
+) -> str:
     """The choice (a path, and for ``loop`` in training its backward form) that runs this call:
     ``path`` (default: the global setting) where it applies, ``auto`` resolved as the module
     docstring says."""
     return _resolve(LayerCall.of(x, mixture, cells, geo), x, mixture, cells, geo, path or _path)
 
 
-def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
-             path: str) -> str:
+def _resolve(
+    call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry, path: str
+) -> str:
     if path != "auto":
         return fall_back(path, call)
     if call.graph or get_path_choice() == "rule":
@@ -109,9 +131,11 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
 
     def runner(choice: str):
         if not call.grad:
+
             def infer() -> None:
                 with torch.no_grad():
                     run_choice(choice, x, mixture, cells, geo, False, call)
+
             return infer
 
         def train() -> None:  # on detached copies: nothing reaches the model's gradients
@@ -120,13 +144,21 @@ def _resolve(call: LayerCall, x: torch.Tensor, mixture: torch.Tensor, cells: tor
                 out = run_choice(choice, *inputs, geo, True, call)
                 wanted = [t for t in inputs if t.requires_grad]
                 torch.autograd.grad(out, wanted, torch.ones_like(out))
+
         return train
 
     return measured(call, candidates(call), runner, lambda: rule_choice(call))
 
 
-def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
-            geo: ConvGeometry, path: str | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+def kw_conv(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: ConvGeometry,
+    path: str | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A KernelWarehouse convolution (or linear, ``geo.linear``) along ``path`` (default: the
     global setting, see :func:`set_execution_path`). All paths compute the same function. ``scale``
     (C_out,) multiplies each output channel before the bias is added: a BatchNorm folded into the
@@ -134,9 +166,15 @@ def kw_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: t
     return kw_conv_and_choice(x, mixture, cells, bias, geo, path, scale)[0]
 
 
-def kw_conv_and_choice(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, bias: torch.Tensor | None,
-                       geo: ConvGeometry, path: str | None = None,
-                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+def kw_conv_and_choice(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: ConvGeometry,
+    path: str | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, str]:
     """:func:`kw_conv` and the choice it ran (see :func:`resolve_path`), resolved once.
 
     A path that ``folds_epilogue`` (the export path ``conv``, graphs only) applies the scale and

@@ -4,6 +4,7 @@ A layer built on its own plans a private warehouse (``KWConv2d(64, 64, 3, cell_n
 layers of a model that share warehouses are built from a :class:`~kernelwarehouse.core.plan.Plan`
 with ``plan=`` and ``warehouse=`` (see :mod:`kernelwarehouse.core.build`).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ def checked_padding(padding: int | Sequence[int] | str, stride: tuple[int, ...])
 def conv_repr(layer: nn.Module) -> str:
     """The ``extra_repr`` head of a convolution as ``nn.Conv`` writes it: channels, kernel, stride,
     padding, and dilation, groups and padding mode where they are not the defaults."""
-    s = (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
-         f"stride={layer.stride}, padding={layer.padding}")
+    s = (
+        f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+        f"stride={layer.stride}, padding={layer.padding}"
+    )
     if any(d != 1 for d in layer.dilation):
         s += f", dilation={layer.dilation}"
     if layer.groups != 1:
@@ -52,8 +55,14 @@ def conv_repr(layer: nn.Module) -> str:
 class KWLayer(nn.Module):
     """What every KernelWarehouse layer has: a plan, a warehouse, an attention branch, a bias."""
 
-    def __init__(self, spec: LayerSpec, bias: bool, plan: LayerPlan | None,
-                 warehouse: Warehouse | None, ratios: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        spec: LayerSpec,
+        bias: bool,
+        plan: LayerPlan | None,
+        warehouse: Warehouse | None,
+        ratios: dict[str, Any],
+    ) -> None:
         super().__init__()
         if (plan is None) != (warehouse is None):
             raise ValueError("pass both plan= and warehouse=, or neither (the layer then plans its own)")
@@ -64,11 +73,15 @@ class KWLayer(nn.Module):
         elif ratios:
             raise ValueError(f"ratios {sorted(ratios)} are set by the plan; do not pass them with plan=")
         if plan.spec.weight_shape != spec.weight_shape or plan.spec.in_channels != spec.in_channels:
-            raise ValueError(f"plan of layer {plan.name!r} is for weight {plan.spec.weight_shape}, "
-                             f"this layer's weight is {spec.weight_shape}")
+            raise ValueError(
+                f"plan of layer {plan.name!r} is for weight {plan.spec.weight_shape}, "
+                f"this layer's weight is {spec.weight_shape}"
+            )
         if warehouse.name != plan.warehouse or warehouse.num_cells != plan.warehouse_cells:
-            raise ValueError(f"layer {plan.name!r} belongs to warehouse {plan.warehouse!r} with "
-                             f"{plan.warehouse_cells} cells, got {warehouse.name!r} with {warehouse.num_cells}")
+            raise ValueError(
+                f"layer {plan.name!r} belongs to warehouse {plan.warehouse!r} with "
+                f"{plan.warehouse_cells} cells, got {warehouse.name!r} with {warehouse.num_cells}"
+            )
         self.plan = plan
         self.grid = plan.grid
         self.weight_shape = spec.weight_shape
@@ -85,10 +98,10 @@ class KWLayer(nn.Module):
 
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         if building_graph():  # no module state changes inside a traced or compiled graph
-            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry,
-                           scale=self.out_scale)
-        out, self.last_path = kw_conv_and_choice(x, mixture, self.warehouse.weight, self.bias,
-                                                 self._geometry, scale=self.out_scale)
+            return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale)
+        out, self.last_path = kw_conv_and_choice(
+            x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale
+        )
         return out
 
     def mixture(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -100,18 +113,32 @@ class KWLayer(nn.Module):
         return assemble_weights(self.attention(pooled), self.warehouse.weight, self.grid, self.weight_shape)
 
     def _kw_repr(self) -> str:
-        return (f"warehouse={self.plan.warehouse!r}, cells={self.plan.num_cells}, "
-                f"warehouse_cells={self.plan.warehouse_cells}")
+        return (
+            f"warehouse={self.plan.warehouse!r}, cells={self.plan.num_cells}, "
+            f"warehouse_cells={self.plan.warehouse_cells}"
+        )
 
 
 class _KWConvNd(KWLayer):
     dims: int = 0
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
-                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", *, plan: LayerPlan | None = None,
-                 warehouse: Warehouse | None = None, key: str = "conv", **ratios: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        plan: LayerPlan | None = None,
+        warehouse: Warehouse | None = None,
+        key: str = "conv",
+        **ratios: Any,
+    ) -> None:
         ntuple = _ntuple(self.dims)
         kernel = tuple(ntuple(kernel_size))
         spec = LayerSpec(plan.name if plan else "conv", key, in_channels, out_channels, kernel, groups)
@@ -127,14 +154,18 @@ class _KWConvNd(KWLayer):
         # a symmetric zero padding goes to the convolution; any other is applied to the input first
         self._pad = None if padding_mode == "zeros" and symmetric else pads
         conv_padding = tuple(reversed(pads[::2])) if self._pad is None else (0,) * self.dims
-        self._geometry = ConvGeometry(self.grid, self.weight_shape, self.stride, conv_padding,
-                                      self.dilation, groups)
+        self._geometry = ConvGeometry(
+            self.grid, self.weight_shape, self.stride, conv_padding, self.dilation, groups
+        )
 
     def _explicit_padding(self) -> tuple[int, ...]:
         """F.pad's (last dim first, left/right) amounts for a non-zero padding mode."""
         pads = []
-        for d, k, p in zip(self.dilation, self.kernel_size,
-                           self.padding if isinstance(self.padding, tuple) else [None] * self.dims):
+        for d, k, p in zip(
+            self.dilation,
+            self.kernel_size,
+            self.padding if isinstance(self.padding, tuple) else [None] * self.dims,
+        ):
             if self.padding == "valid":
                 left = right = 0
             elif self.padding == "same":
@@ -148,9 +179,11 @@ class _KWConvNd(KWLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             expected = ", ".join(["B", str(self.in_channels)] + ["..."] * self.dims)
-            raise ValueError(f"{type(self).__name__}({self.in_channels}, {self.out_channels}, ...) expects a batched "
-                             f"{self.dims + 2}-d input ({expected}) with {self.in_channels} channels, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}({self.in_channels}, {self.out_channels}, ...) expects a batched "
+                f"{self.dims + 2}-d input ({expected}) with {self.in_channels} channels, got shape "
+                f"{tuple(x.shape)}"
+            )
         if building_graph():  # flattening would copy the activation in onnxruntime (a Reshape)
             pooled = x.mean(dim=tuple(range(2, x.dim())))
         else:
@@ -190,9 +223,17 @@ class KWLinear(KWLayer):
     one weight per sample, its attention pooling over all tokens.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 plan: LayerPlan | None = None, warehouse: Warehouse | None = None,
-                 key: str = "linear", **ratios: Any) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        plan: LayerPlan | None = None,
+        warehouse: Warehouse | None = None,
+        key: str = "linear",
+        **ratios: Any,
+    ) -> None:
         spec = LayerSpec(plan.name if plan else "linear", key, in_features, out_features, (1,))
         super().__init__(spec, bias, plan, warehouse, ratios)
         self.in_features, self.out_features = in_features, out_features
@@ -200,14 +241,20 @@ class KWLinear(KWLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}"
+            )
         unbatched = x.dim() == 1
         count = math.prod(x.shape[1:-1])  # tokens per sample, explicit so a free batch needs no guard
-        tokens = x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
+        tokens = (
+            x.reshape(1, 1, self.in_features) if unbatched else x.reshape(x.shape[0], count, self.in_features)
+        )
         mixture = self.mixture(tokens.mean(dim=1))
         out = self._convolve(tokens, mixture)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self._kw_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._kw_repr()}"
+        )

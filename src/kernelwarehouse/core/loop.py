@@ -1,6 +1,7 @@
 """The ``loop`` execution path: one sample at a time, its weight assembled output channel by
 output channel in the order a convolution reads fastest, then one plain convolution.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     return products.reshape(channels, *geo.weight_shape[2:], c_in).movedim(-1, 1)
 
 
-def _sample_weight(mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def _sample_weight(
+    mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One sample's weight from its (m, n) mixture weights, built in the order a convolution reads
     fastest: (output channel, kernel offset, input channel) for spatially split cells, which is a
     channels-last weight, else the plain (output, input, kernel) order. Either way one product per
@@ -41,7 +43,7 @@ def _sample_weight(mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeom
         return _as_weight(products[0] if len(products) == 1 else torch.cat(products), geo)
     channels = by_output.shape[0]
     for block, block_rows in enumerate(rows):
-        mix_rows(block_rows, by_output, out=out[block * channels:(block + 1) * channels])
+        mix_rows(block_rows, by_output, out=out[block * channels : (block + 1) * channels])
     return _as_weight(out, geo)
 
 
@@ -57,8 +59,13 @@ def _weight_buffer(rows: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor 
     return by_output.new_empty(rows.shape[0] * by_output.shape[0], rows.shape[1], by_output.shape[2])
 
 
-def _sample_cell_grads(grad_weight: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tensor,
-                       geo: ConvGeometry, grad_by_output: torch.Tensor) -> torch.Tensor:
+def _sample_cell_grads(
+    grad_weight: torch.Tensor,
+    mixture: torch.Tensor,
+    by_output: torch.Tensor,
+    geo: ConvGeometry,
+    grad_by_output: torch.Tensor,
+) -> torch.Tensor:
     """The inverse of :func:`_sample_weight` for gradients: from one sample's weight gradient, return
     the gradient of its (m, n) mixture weights and add its share to the cells' (c_out, n, c_in * k)."""
     spatial, out_blocks, in_blocks = geo.grid
@@ -75,8 +82,9 @@ def _sample_cell_grads(grad_weight: torch.Tensor, mixture: torch.Tensor, by_outp
     return grad_rows.reshape(-1, num)
 
 
-def loop_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
-              by_patches: bool = False) -> torch.Tensor:
+def loop_conv(
+    x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry, by_patches: bool = False
+) -> torch.Tensor:
     """Sample by sample: assemble one weight (:func:`_sample_weight`), run one plain convolution, or
     with ``by_patches`` one matrix product with the sample's input patches (:func:`_patches_conv`).
 
@@ -92,23 +100,44 @@ def loop_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: 
     if geo.groups > 1 or geo.grid.out_blocks * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
         # the whole weight at once: one convolution per sample, each weight built in the same buffer
         buffer = _weight_buffer(_sample_rows(mixture[0], geo), by_output)
-        outs = [conv(x[b:b + 1], _sample_weight(mixture[b], by_output, geo, buffer), None, geo.stride,
-                     geo.padding, geo.dilation, geo.groups) for b in range(batch)]
+        outs = [
+            conv(
+                x[b : b + 1],
+                _sample_weight(mixture[b], by_output, geo, buffer),
+                None,
+                geo.stride,
+                geo.padding,
+                geo.dilation,
+                geo.groups,
+            )
+            for b in range(batch)
+        ]
         return outs[0] if batch == 1 else torch.cat(outs)
     rows = [_sample_rows(mixture[b], geo) for b in range(batch)]
     buffer = _weight_buffer(rows[0][:1], by_output[:step])
     slices = []
     for block in range(geo.grid.out_blocks):
         for start in range(0, channels, step):
-            part = by_output[start:start + step]
-            weight = None if buffer is None else buffer[:part.shape[0]]
-            outs = [conv(x[b:b + 1], _as_weight(mix_rows(rows[b][block], part, out=weight), geo), None,
-                         geo.stride, geo.padding, geo.dilation) for b in range(batch)]
+            part = by_output[start : start + step]
+            weight = None if buffer is None else buffer[: part.shape[0]]
+            outs = [
+                conv(
+                    x[b : b + 1],
+                    _as_weight(mix_rows(rows[b][block], part, out=weight), geo),
+                    None,
+                    geo.stride,
+                    geo.padding,
+                    geo.dilation,
+                )
+                for b in range(batch)
+            ]
             slices.append(outs[0] if batch == 1 else torch.cat(outs))
     return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
 
-def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+def _patches_conv(
+    x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tensor, geo: ConvGeometry
+) -> torch.Tensor:
     """:func:`loop_conv` with each assembled weight (slice) applied as one matrix product with the
     sample's input patches, ``out_b = W_b @ patches_b^T``: no convolution, so no reorder of every
     new weight into the convolution library's blocked layout (which halves its speed on small maps),
@@ -122,14 +151,14 @@ def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tenso
     slices = [(block, start) for block in range(geo.grid.out_blocks) for start in range(0, channels, step)]
 
     def apply(sample: int, block: int, start: int, cols: torch.Tensor) -> torch.Tensor:
-        part = by_output[start:start + step]
-        weight = mix_rows(rows[sample][block], part, out=None if buffer is None else buffer[:part.shape[0]])
+        part = by_output[start : start + step]
+        weight = mix_rows(rows[sample][block], part, out=None if buffer is None else buffer[: part.shape[0]])
         return torch.mm(weight.reshape(part.shape[0], -1), cols.t())
 
     outs: dict[tuple[int, int, int], torch.Tensor] = {}
     if geo.grid.out_blocks * channels * per_channel <= tuning.LOOP_SLICE_ELEMENTS:
         for b in range(batch):  # one sample's patches at a time, its whole weight applied to them
-            cols, size = patches(x[b:b + 1], geo, kernel_first)
+            cols, size = patches(x[b : b + 1], geo, kernel_first)
             for block, start in slices:
                 outs[b, block, start] = apply(b, block, start, cols[0])
     else:  # slices outside, samples inside: each slice of the warehouse is read once for the batch
@@ -141,9 +170,16 @@ def _patches_conv(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tenso
     return out.reshape(batch, geo.weight_shape[0], *size)
 
 
-def loop_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor,
-                  by_slices: bool) -> torch.Tensor:
+def loop_backward(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+    by_slices: bool,
+) -> torch.Tensor:
     """Backward of :func:`loop_conv`; fills grad_x and grad_mixture, returns the cells' gradient.
     By slices of output channels (:func:`_backward_by_slices`, which needs ``groups = 1`` and runs
     outside autocast) when ``by_slices``, else sample by sample."""
@@ -154,15 +190,25 @@ def loop_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, g
     buffer = _weight_buffer(_sample_rows(mixture[0], geo), by_output)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
     # on mid-sized maps, each weight gradient as one product over the sample's patches, into one buffer
-    by_product = (buffer is not None and geo.groups == 1 and native.applies(x, grad, by_output)
-                  and math.prod(grad.shape[2:]) <= tuning.PRODUCT_MAX_POSITIONS)
+    by_product = (
+        buffer is not None
+        and geo.groups == 1
+        and native.applies(x, grad, by_output)
+        and math.prod(grad.shape[2:]) <= tuning.PRODUCT_MAX_POSITIONS
+    )
     grad_weight = torch.empty_like(buffer) if by_product else None
     for b in range(x.shape[0]):
         weight = _sample_weight(mixture[b], by_output, geo, buffer)
-        gx, gw = weight_backward(x[b:b + 1], weight.unsqueeze(0), grad[b:b + 1], geo, grad_x is not None,
-                                 weight_grad=not by_product)
+        gx, gw = weight_backward(
+            x[b : b + 1],
+            weight.unsqueeze(0),
+            grad[b : b + 1],
+            geo,
+            grad_x is not None,
+            weight_grad=not by_product,
+        )
         if by_product:
-            gw = _patch_product(x[b:b + 1], grad[b], geo, grad_weight).unsqueeze(0)
+            gw = _patch_product(x[b : b + 1], grad[b], geo, grad_weight).unsqueeze(0)
         if grad_x is not None:
             grad_x[b] = gx[0]
         grad_mixture[b] = _sample_cell_grads(gw[0], mixture[b], by_output, geo, grad_by_output)
@@ -178,8 +224,15 @@ def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: 
     return _as_weight(out, geo)
 
 
-def _backward_by_slices(x: torch.Tensor, mixture: torch.Tensor, by_output: torch.Tensor, grad: torch.Tensor,
-                        geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+def _backward_by_slices(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    by_output: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+) -> torch.Tensor:
     """The backward as matrix products over the input patches (B, L, k * c_in), a slice of output
     channels at a time with the samples inside, like :func:`loop_conv`: each slice of the warehouse
     and of its gradient is swept once for the whole batch, and each sample's slice of weight and
@@ -201,14 +254,16 @@ def _backward_by_slices(x: torch.Tensor, mixture: torch.Tensor, by_output: torch
     grad_weight = torch.empty_like(weight)
     for block in range(out_blocks):
         for start in range(0, channels, step):
-            part, grad_part = by_output[start:start + step], grad_by_output[start:start + step]
+            part, grad_part = by_output[start : start + step], grad_by_output[start : start + step]
             size, first = part.shape[0], block * channels + start
             w, gw = weight[:size], grad_weight[:size]
             for b in range(batch):
                 mix_rows(rows[b][block], part, out=w)
-                dy = grad[b, first:first + size]
+                dy = grad[b, first : first + size]
                 if grad_cols is not None:  # the two products have a small inner dimension too: mix_rows
-                    mix_rows(dy.t(), w.reshape(1, size, -1), out=grad_cols[b].unsqueeze(0), accumulate=first > 0)
+                    mix_rows(
+                        dy.t(), w.reshape(1, size, -1), out=grad_cols[b].unsqueeze(0), accumulate=first > 0
+                    )
                 mix_rows(dy, cols[b].detach().unsqueeze(0), out=gw.reshape(1, size, -1))
                 grad_rows[b, block] += rows_gradient(gw, part)
                 mix_rows(rows[b][block].t(), gw, out=grad_part, accumulate=block > 0 or b > 0)

@@ -1,6 +1,7 @@
 """The ``mix`` execution path: ``out_b = sum_j E_j (sum_s a_bsj x_b,s)``, the input mixed by the
 mixture weights and then multiplied by the whole warehouse at once; no weight is ever assembled.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,17 @@ from .. import tuning
 from .per_sample import ConvGeometry, batch_chunks, shifted_views
 
 
-def _mix_features(x: torch.Tensor, mixture: torch.Tensor, geo: ConvGeometry,
-                  cells_shape: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _mix_features(
+    x: torch.Tensor, mixture: torch.Tensor, geo: ConvGeometry, cells_shape: Sequence[int]
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The shifted inputs mixed by the mixture weights, ``sum_s a_bsj x_b,s``, as channels-last features
     (B * out blocks, c_in * n, L, 1) for one pointwise convolution with the whole warehouse."""
     spatial, out_blocks, in_blocks = geo.grid
     num, c_in = cells_shape[0], cells_shape[2]
     batch = x.shape[0]
-    cols, size = shifted_views(x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True)
+    cols, size = shifted_views(
+        x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True
+    )
     length = math.prod(size)
     # cols is (B, L, in block, c_in, spatial): make it (position, c_in) x (spatial, in block)
     cols = cols.reshape(batch, length, in_blocks, c_in, spatial)
@@ -35,12 +39,10 @@ def _mix_features(x: torch.Tensor, mixture: torch.Tensor, geo: ConvGeometry,
     return mixed.reshape(batch * out_blocks, length, 1, c_in * num).permute(0, 3, 1, 2), size
 
 
-
 def _mix_weight(cells: torch.Tensor) -> torch.Tensor:
     """The warehouse as the (c_out, c_in * n, 1, 1) weight of :func:`_mix_features`' convolution."""
     num, c_out, c_in = cells.shape[:3]
     return cells.reshape(num, c_out, c_in).permute(1, 2, 0).reshape(c_out, c_in * num, 1, 1)
-
 
 
 def mix_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
@@ -58,14 +60,20 @@ def mix_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: C
     return out.reshape(x.shape[0], geo.grid.out_blocks * weight.shape[0], *size)
 
 
-
-def mix_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-                  geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+def mix_backward(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+) -> torch.Tensor:
     """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
     the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
     by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
-    chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and grad_mixture, returns the
-    cells' gradient."""
+    chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and
+    grad_mixture, returns the cells' gradient."""
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
     per_sample = geo.grid.out_blocks * math.prod(grad.shape[2:]) * weight.shape[1]
@@ -77,7 +85,18 @@ def mix_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, gr
         inputs = [part_mixture, sample] if grad_x is not None else [part_mixture]
         out_grad = grad[part].reshape(features.shape[0], weight.shape[0], -1, 1)
         grad_features, part_weight, _ = torch.ops.aten.convolution_backward(
-            out_grad, features.detach(), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+            out_grad,
+            features.detach(),
+            weight,
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, True, False],
+        )
         grad_weight += part_weight
         grads = torch.autograd.grad(features, inputs, grad_features)
         grad_mixture[part] = grads[0]
@@ -87,16 +106,18 @@ def mix_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, gr
     return grad_weight.reshape(c_out, c_in, num).permute(2, 0, 1).reshape(cells.shape)
 
 
-
-def mix_is_cheap(geo: ConvGeometry, cells_shape: Sequence[int], out_size: int,
-                 advantage: float | None = None) -> bool:
+def mix_is_cheap(
+    geo: ConvGeometry, cells_shape: Sequence[int], out_size: int, advantage: float | None = None
+) -> bool:
     """Whether ``mix`` spends at most ``advantage`` (default :data:`.tuning.MIX_ADVANTAGE`) times the
     multiply-adds of assembling: n L |W| / (spatial blocks * input blocks) against (n + L) |W| per
     sample."""
     advantage = tuning.MIX_ADVANTAGE if advantage is None else advantage
     num = cells_shape[0]
     spatial, _, in_blocks = geo.grid
-    return mix_supported(geo, cells_shape) and num * out_size < advantage * spatial * in_blocks * (num + out_size)
+    return mix_supported(geo, cells_shape) and num * out_size < advantage * spatial * in_blocks * (
+        num + out_size
+    )
 
 
 def mix_supported(geo: ConvGeometry, cells_shape: Sequence[int]) -> bool:

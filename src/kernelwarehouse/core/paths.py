@@ -3,10 +3,12 @@
 A path is an :class:`ExecutionPath` (what it supports, how it runs forward, which backward forms it
 has), registered in :data:`REGISTRY`. A *choice* names a path and, for a path with several
 backward forms, one of them: ``"loop:slices"``; a bare ``"loop"`` lets the fixed rule pick the
-form. A suffix ``@torch`` runs the choice on PyTorch's products in place of the native kernels. :func:`.execution.resolve_path` turns the requested path of one call (a :class:`LayerCall`)
-into a choice: ``auto`` among :func:`candidates` measured (:mod:`.choice`) or, with
+form. A suffix ``@torch`` runs the choice on PyTorch's products in place of the native kernels.
+:func:`.execution.resolve_path` turns the requested path of one call (a :class:`LayerCall`) into a
+choice: ``auto`` among :func:`candidates` measured (:mod:`.choice`) or, with
 ``KERNELWAREHOUSE_PATH_CHOICE=rule`` and while a graph is built, taken from :func:`rule_choice`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +24,17 @@ from .. import native, tuning
 from .assembly import assemble_in_weight_order, assemble_weights, cells_by_rows
 from .loop import loop_conv
 from .mix import mix_conv, mix_is_cheap, mix_supported
-from .per_sample import (CONV, ConvGeometry, add_bias, building_graph, exporting, fixed_graph_batch,
-                         graph_shared, grouped_conv, linear_per_sample)
+from .per_sample import (
+    CONV,
+    ConvGeometry,
+    add_bias,
+    building_graph,
+    exporting,
+    fixed_graph_batch,
+    graph_shared,
+    grouped_conv,
+    linear_per_sample,
+)
 from .recompute import LOOP_BACKWARDS, RecomputedWeights, apply_weights
 
 
@@ -33,10 +44,10 @@ class LayerCall(NamedTuple):
     geo: ConvGeometry
     cells_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
-    dtype: str      # what the products run in (autocast's type where it is on)
-    device: str     # "cpu:<threads>t:<native kernels variant or 'pytorch'>", "cuda", ...
-    grad: bool      # a gradient will be computed (training)
-    graph: bool     # traced, scripted, exported or compiled: eager-only code may not run
+    dtype: str  # what the products run in (autocast's type where it is on)
+    device: str  # "cpu:<threads>t:<native kernels variant or 'pytorch'>", "cuda", ...
+    grad: bool  # a gradient will be computed (training)
+    graph: bool  # traced, scripted, exported or compiled: eager-only code may not run
 
     @classmethod
     def of(cls, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry) -> LayerCall:
@@ -50,7 +61,9 @@ class LayerCall(NamedTuple):
             device = f"cpu:{torch.get_num_threads()}t:{kernels or 'pytorch'}"
         else:
             device = str(x.device)
-        return cls(geo, tuple(cells.shape), tuple(x.shape), str(dtype).removeprefix("torch."), device, grad, graph)
+        return cls(
+            geo, tuple(cells.shape), tuple(x.shape), str(dtype).removeprefix("torch."), device, grad, graph
+        )
 
     @property
     def batch(self) -> int:
@@ -64,16 +77,30 @@ class LayerCall(NamedTuple):
             return math.prod(self.input_shape[1:-1])
         k = geo.weight_shape[2:]
         size = self.input_shape[2:]
-        return math.prod([(size[i] + 2 * geo.padding[i] - geo.dilation[i] * (k[i] - 1) - 1) // geo.stride[i] + 1
-                          for i in range(geo.dims)])
+        return math.prod(
+            [
+                (size[i] + 2 * geo.padding[i] - geo.dilation[i] * (k[i] - 1) - 1) // geo.stride[i] + 1
+                for i in range(geo.dims)
+            ]
+        )
 
     def key(self) -> str:
         """A stable text for this call, the key of the measured choices (in memory, on disk, in
         checkpoints)."""
         geo = self.geo
-        parts = [f"grid={geo.grid}", f"weight={geo.weight_shape}", f"stride={geo.stride}", f"padding={geo.padding}",
-                 f"dilation={geo.dilation}", f"groups={geo.groups}", f"cells={self.cells_shape}",
-                 f"input={self.input_shape}", self.dtype, self.device, "train" if self.grad else "infer"]
+        parts = [
+            f"grid={geo.grid}",
+            f"weight={geo.weight_shape}",
+            f"stride={geo.stride}",
+            f"padding={geo.padding}",
+            f"dilation={geo.dilation}",
+            f"groups={geo.groups}",
+            f"cells={self.cells_shape}",
+            f"input={self.input_shape}",
+            self.dtype,
+            self.device,
+            "train" if self.grad else "infer",
+        ]
         return "|".join(p.replace(" ", "") for p in parts)
 
 
@@ -115,6 +142,7 @@ def _assembled(path: str) -> Forward:
         if lean:
             return RecomputedWeights.apply(x, mixture, cells, geo, path, "")
         return apply_weights(x, assemble_weights(mixture, cells, geo.grid, geo.weight_shape), geo, path)
+
     return forward
 
 
@@ -129,11 +157,13 @@ def _one_by_one(path: str) -> Forward:
         if lean:
             return RecomputedWeights.apply(x, mixture, cells, geo, path, backward)
         return loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
+
     return forward
 
 
 def _triton(x, mixture, cells, geo, backward, lean):
     from .triton_conv import triton_conv  # imports Triton: only once the path runs
+
     return triton_conv(x, mixture, cells, geo)
 
 
@@ -150,8 +180,13 @@ def triton_available() -> bool:
 def triton_supported(call: LayerCall) -> bool:
     """The ``triton`` path: eager calls on a CUDA device with Triton, 2-d and 1-d convolutions and
     linear layers, not depthwise (one input channel per group: the other paths serve those)."""
-    return (call.device.startswith("cuda") and not call.graph and call.geo.dims <= 2
-            and call.geo.weight_shape[1] > 1 and triton_available())
+    return (
+        call.device.startswith("cuda")
+        and not call.graph
+        and call.geo.dims <= 2
+        and call.geo.weight_shape[1] > 1
+        and triton_available()
+    )
 
 
 def _conv_graph(x, mixture, cells, geo, backward, lean, scale=None, bias=None):
@@ -167,15 +202,17 @@ def _conv_graph(x, mixture, cells, geo, backward, lean, scale=None, bias=None):
     if geo.linear:
         out = linear_per_sample(x, weight.flatten(2), inner)
     elif fixed_graph_batch() == 1:  # a plain convolution
-        out = CONV[geo.dims](x, weight.reshape(geo.weight_shape), inner, geo.stride, geo.padding,
-                             geo.dilation, geo.groups)
+        out = CONV[geo.dims](
+            x, weight.reshape(geo.weight_shape), inner, geo.stride, geo.padding, geo.dilation, geo.groups
+        )
     else:
         out = add_bias(grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups), inner)
     return out if scale is None else scale_and_shift(out, scale, bias, geo.dims)
 
 
-def scale_and_shift(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                    dims: int) -> torch.Tensor:
+def scale_and_shift(
+    out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dims: int
+) -> torch.Tensor:
     """``out * scale + bias`` per output channel (on axis 1, or the last for ``dims == 0``), one pass."""
     shape = (-1,) if not dims else (1, -1, *([1] * dims))
     scale = scale.to(out.dtype).reshape(shape)
@@ -194,35 +231,80 @@ def register(path: ExecutionPath) -> ExecutionPath:
     return path
 
 
-register(ExecutionPath(
-    "reference", "the reference scheme: B assembled weights, one convolution with groups = B; autograd "
-    "keeps the weights for backward", lambda call: True, _reference))
-register(ExecutionPath(
-    "grouped", "the same forward; in training a backward that recomputes the weights a chunk of samples "
-    "at a time", lambda call: True, _assembled("grouped")))
-register(ExecutionPath(
-    "unfold", "assembled weights applied as one batched matrix product over shifted input views; the "
-    "batch stays free (export, tracing)", lambda call: True, _assembled("unfold")))
-register(ExecutionPath(
-    "conv", "export of a fixed batch: weights assembled by one product in the weight's memory order, "
-    "applied by a plain (batch 1) or grouped convolution; a scale per output channel (a folded "
-    "BatchNorm) goes into the weights, the bias into the convolution",
-    lambda call: call.graph and (call.geo.linear or fixed_graph_batch() is not None), _conv_graph,
-    folds_epilogue=True))
-register(ExecutionPath(
-    "mix", "no assembly: input patches mixed by the mixture weights, then one product with the whole "
-    "warehouse (groups 1, cells of kernel size 1)", lambda call: mix_supported(call.geo, call.cells_shape), _mix))
-register(ExecutionPath(
-    "loop", "one sample at a time, its weight assembled in cache and applied by a plain convolution "
-    "(eager mode)", lambda call: not call.geo.linear and not call.graph, _one_by_one("loop"), LOOP_BACKWARDS))
-register(ExecutionPath(
-    "patches", "as loop, each weight applied as one matrix product with the sample's input patches "
-    "(eager mode, groups 1)", lambda call: not call.geo.linear and call.geo.groups == 1 and not call.graph,
-    _one_by_one("patches"), LOOP_BACKWARDS))
-register(ExecutionPath(
-    "triton", "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
-    "convolution, in backward too (CUDA with Triton; 2-d, 1-d and linear, not depthwise)", triton_supported,
-    _triton))
+register(
+    ExecutionPath(
+        "reference",
+        "the reference scheme: B assembled weights, one convolution with groups = B; autograd "
+        "keeps the weights for backward",
+        lambda call: True,
+        _reference,
+    )
+)
+register(
+    ExecutionPath(
+        "grouped",
+        "the same forward; in training a backward that recomputes the weights a chunk of samples at a time",
+        lambda call: True,
+        _assembled("grouped"),
+    )
+)
+register(
+    ExecutionPath(
+        "unfold",
+        "assembled weights applied as one batched matrix product over shifted input views; the "
+        "batch stays free (export, tracing)",
+        lambda call: True,
+        _assembled("unfold"),
+    )
+)
+register(
+    ExecutionPath(
+        "conv",
+        "export of a fixed batch: weights assembled by one product in the weight's memory order, "
+        "applied by a plain (batch 1) or grouped convolution; a scale per output channel (a folded "
+        "BatchNorm) goes into the weights, the bias into the convolution",
+        lambda call: call.graph and (call.geo.linear or fixed_graph_batch() is not None),
+        _conv_graph,
+        folds_epilogue=True,
+    )
+)
+register(
+    ExecutionPath(
+        "mix",
+        "no assembly: input patches mixed by the mixture weights, then one product with the whole "
+        "warehouse (groups 1, cells of kernel size 1)",
+        lambda call: mix_supported(call.geo, call.cells_shape),
+        _mix,
+    )
+)
+register(
+    ExecutionPath(
+        "loop",
+        "one sample at a time, its weight assembled in cache and applied by a plain convolution (eager mode)",
+        lambda call: not call.geo.linear and not call.graph,
+        _one_by_one("loop"),
+        LOOP_BACKWARDS,
+    )
+)
+register(
+    ExecutionPath(
+        "patches",
+        "as loop, each weight applied as one matrix product with the sample's input patches "
+        "(eager mode, groups 1)",
+        lambda call: not call.geo.linear and call.geo.groups == 1 and not call.graph,
+        _one_by_one("patches"),
+        LOOP_BACKWARDS,
+    )
+)
+register(
+    ExecutionPath(
+        "triton",
+        "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
+        "convolution, in backward too (CUDA with Triton; 2-d, 1-d and linear, not depthwise)",
+        triton_supported,
+        _triton,
+    )
+)
 
 
 #: The suffix of a choice that runs with PyTorch's products in place of the native kernels.
@@ -242,9 +324,11 @@ def check_choice(choice: str) -> str:
     name, backward, _ = split_choice(choice)
     if name not in REGISTRY or (backward and backward not in REGISTRY[name].backwards):
         forms = [f"{p.name}:{b}" for p in REGISTRY.values() for b in p.backwards]
-        raise ValueError(f"execution path must be 'auto', one of {tuple(REGISTRY)} or a path with its "
-                         f"backward form, one of {tuple(forms)}, each optionally with {TORCH_PRODUCTS!r} "
-                         f"(PyTorch's products in place of the native kernels); got {choice!r}")
+        raise ValueError(
+            f"execution path must be 'auto', one of {tuple(REGISTRY)} or a path with its "
+            f"backward form, one of {tuple(forms)}, each optionally with {TORCH_PRODUCTS!r} "
+            f"(PyTorch's products in place of the native kernels); got {choice!r}"
+        )
     return choice
 
 
@@ -265,12 +349,16 @@ def candidates(call: LayerCall) -> list[str]:
             continue
         if path.name == "unfold" and call.geo.linear:
             continue
-        if path.name == "mix" and not mix_is_cheap(call.geo, call.cells_shape, call.out_size,
-                                                   tuning.MIX_PRUNE_ADVANTAGE):
+        if path.name == "mix" and not mix_is_cheap(
+            call.geo, call.cells_shape, call.out_size, tuning.MIX_PRUNE_ADVANTAGE
+        ):
             continue
         if call.grad and path.backwards:
-            found += [f"{path.name}:{form}" for form in path.backwards
-                      if path.backward_supported(form, call) and not _pruned_backward(form, call)]
+            found += [
+                f"{path.name}:{form}"
+                for form in path.backwards
+                if path.backward_supported(form, call) and not _pruned_backward(form, call)
+            ]
         else:
             found.append(path.name)
     if call.device.startswith("cpu") and not call.device.endswith(":pytorch"):
@@ -290,7 +378,9 @@ def _workspace(name: str, call: LayerCall) -> int:
     if name == "unfold" and math.prod(geo.weight_shape[2:]) > 1:
         return batch * patch * positions
     if name == "patches":
-        whole = math.prod(geo.weight_shape) <= tuning.LOOP_SLICE_ELEMENTS  # then one sample's patches at a time
+        whole = (
+            math.prod(geo.weight_shape) <= tuning.LOOP_SLICE_ELEMENTS
+        )  # then one sample's patches at a time
         return (1 if whole else batch) * patch * positions
     return 0
 
@@ -333,8 +423,9 @@ def loop_backward_rule(call: LayerCall) -> str:
     return "sample"
 
 
-def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_size: int,
-                device_type: str = "cpu") -> str:
+def choose_path(
+    geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_size: int, device_type: str = "cpu"
+) -> str:
     """The rule's path for one layer, from its shape (``out_size``: output positions L).
 
     Per sample, assembling costs n |W| multiply-adds and convolving L |W|; ``mix`` costs
@@ -358,8 +449,15 @@ def choose_path(geo: ConvGeometry, cells_shape: Sequence[int], batch: int, out_s
     return "grouped"
 
 
-def run_choice(choice: str, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
-               lean: bool, call: LayerCall) -> torch.Tensor:
+def run_choice(
+    choice: str,
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    geo: ConvGeometry,
+    lean: bool,
+    call: LayerCall,
+) -> torch.Tensor:
     """Run ``choice`` (already resolved for ``call``): the output without bias."""
     name, backward, torch_products = split_choice(choice)
     path = REGISTRY[name]

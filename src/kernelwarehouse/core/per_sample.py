@@ -1,6 +1,7 @@
 """Per-sample convolution: sample b of a batch convolved with its own weight, as one grouped
 convolution or one batched matrix product over shifted input views, and the gradients of both.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,6 @@ from .plan import CellGrid
 
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 
 
 class ConvGeometry(NamedTuple):
@@ -41,21 +41,38 @@ class ConvGeometry(NamedTuple):
         return 0 if self.linear else len(self.weight_shape) - 2
 
 
-
-def grouped_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int] | str,
-                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+def grouped_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
     """Sample b of ``x`` with ``weight[b]`` as one convolution of ``groups * B`` groups."""
     conv: Callable = CONV[weight.dim() - 3]
     batch = x.shape[0]
-    out = conv(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
-               stride, padding, dilation, groups * batch)
+    out = conv(
+        x.reshape(1, -1, *x.shape[2:]),
+        weight.reshape(-1, *weight.shape[2:]),
+        None,
+        stride,
+        padding,
+        dilation,
+        groups * batch,
+    )
     return out.reshape(batch, -1, *out.shape[2:])
 
 
-
-def shifted_views(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                  dilation: Sequence[int], channels_last: bool = False,
-                  kernel_first: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+def shifted_views(
+    x: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    channels_last: bool = False,
+    kernel_first: bool = False,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The input at every kernel offset, stacked: (B, C, K, *out) with K = prod(kernel) in row-major
     kernel order (what ``F.unfold`` gives, for 1-d and 2-d), or (B, *out, C, K) with ``channels_last``,
     (B, *out, K, C) with ``kernel_first`` as well.
@@ -69,15 +86,21 @@ def shifted_views(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
     views = []
     for offset in itertools.product(*(range(k) for k in kernel)):
         index = [slice(None), slice(None)] + [
-            slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilation, size, stride)]
+            slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilation, size, stride)
+        ]
         view = x[tuple(index)]
         views.append(view.movedim(1, -1) if channels_last else view)
     return torch.stack(views, dim=(-2 if kernel_first else -1) if channels_last else 2), size
 
 
-
-def unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int], groups: int) -> torch.Tensor:
+def unfold_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
     """Per-sample convolution as a batched matrix product over shifted input views."""
     batch, c_out = weight.shape[:2]
     patch = math.prod(weight.shape[2:])  # explicit sizes: a batch left free by the compiler divides nothing
@@ -87,10 +110,8 @@ def unfold_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
     return out.reshape(batch, c_out, *size)
 
 
-
 def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
-
 
 
 def exporting() -> bool:
@@ -129,8 +150,9 @@ def fixed_graph_batch() -> int | None:
     return _fixed_export.batch if _fixed_export is not None and exporting() else None
 
 
-def graph_shared(source: torch.Tensor, name: str,
-                 build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def graph_shared(
+    source: torch.Tensor, name: str, build: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``build(source)``, built once per fixed-batch export and reused by every layer that asks for
     it (a warehouse shared by several layers gets one transposed copy in the graph, not one each)."""
     if _fixed_export is None or not exporting():
@@ -147,10 +169,15 @@ def building_graph() -> bool:
     return exporting() or torch.compiler.is_compiling()
 
 
-
-def conv_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int],
-                    groups: int) -> torch.Tensor:
+def conv_per_sample(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
     """Convolve sample b of ``x`` with ``weight[b]`` (B, C_out, C_in/groups, *k) in one call.
 
     One grouped convolution (a plain one for a single sample); under export, tracing or
@@ -164,16 +191,20 @@ def conv_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return add_bias(grouped_conv(x, weight, stride, padding, dilation, groups), bias)
 
 
-
 def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (B, T, C_in) with weight (B, C_out, C_in) -> (B, T, C_out)."""
     out = torch.matmul(x, weight.transpose(1, 2))
     return out if bias is None else out + bias.to(out.dtype)
 
 
-
-def weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry,
-                    input_grad: bool, weight_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def weight_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    input_grad: bool,
+    weight_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of a per-sample convolution (or linear) with respect to x and the B weights."""
     if geo.linear:
         flat = weight.flatten(2)
@@ -182,21 +213,37 @@ def weight_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, g
     batch = x.shape[0]
     merged = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        merged(grad), merged(x), weight.reshape(-1, *weight.shape[2:]), None, list(geo.stride),
-        list(geo.padding), list(geo.dilation), False, [0] * geo.dims, geo.groups * batch,
-        [input_grad, weight_grad, False])
-    return (grad_x.reshape(x.shape) if input_grad else None), (grad_w.reshape(weight.shape) if weight_grad else None)
-
+        merged(grad),
+        merged(x),
+        weight.reshape(-1, *weight.shape[2:]),
+        None,
+        list(geo.stride),
+        list(geo.padding),
+        list(geo.dilation),
+        False,
+        [0] * geo.dims,
+        geo.groups * batch,
+        [input_grad, weight_grad, False],
+    )
+    return (grad_x.reshape(x.shape) if input_grad else None), (
+        grad_w.reshape(weight.shape) if weight_grad else None
+    )
 
 
 def patches(x: torch.Tensor, geo: ConvGeometry, kernel_first: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The input patches of a convolution as a (B, L, k * c_in) matrix per sample, in the column
     order of a channels-last weight (c_out, *k, c_in) with ``kernel_first``, else of (c_out, c_in, *k);
     and the output size. Differentiable: the gradient of the patches folds back onto x."""
-    cols, size = shifted_views(x, geo.weight_shape[2:], geo.stride, geo.padding, geo.dilation, channels_last=True,
-                               kernel_first=kernel_first)
+    cols, size = shifted_views(
+        x,
+        geo.weight_shape[2:],
+        geo.stride,
+        geo.padding,
+        geo.dilation,
+        channels_last=True,
+        kernel_first=kernel_first,
+    )
     return cols.reshape(x.shape[0], math.prod(size), -1), size
-
 
 
 def batch_chunks(batch: int, weight_numel: int) -> list[slice]:

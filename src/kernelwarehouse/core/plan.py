@@ -4,6 +4,7 @@ A plan is a plain value computed from a list of :class:`LayerSpec` and the ratio
 (Li & Yao, ICML 2024, Sec. 3): nothing here touches a tensor. Building a model is
 ``plan_warehouses(...)`` followed by creating the parameters the plan describes.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,11 +32,15 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         if self.in_channels <= 0 or self.out_channels <= 0 or min(self.kernel_size, default=0) <= 0:
-            raise ValueError(f"layer {self.name!r}: channels and kernel sizes must be positive, got "
-                             f"in={self.in_channels}, out={self.out_channels}, kernel={self.kernel_size}")
+            raise ValueError(
+                f"layer {self.name!r}: channels and kernel sizes must be positive, got "
+                f"in={self.in_channels}, out={self.out_channels}, kernel={self.kernel_size}"
+            )
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(f"layer {self.name!r}: groups={self.groups} must divide in_channels="
-                             f"{self.in_channels} and out_channels={self.out_channels}")
+            raise ValueError(
+                f"layer {self.name!r}: groups={self.groups} must divide in_channels="
+                f"{self.in_channels} and out_channels={self.out_channels}"
+            )
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -56,8 +61,13 @@ class WarehouseConfig:
     min_hidden: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "reduction",
-                     "nonlocal_basis_ratio"):
+        for name in (
+            "cell_num_ratio",
+            "cell_inplane_ratio",
+            "cell_outplane_ratio",
+            "reduction",
+            "nonlocal_basis_ratio",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
@@ -183,24 +193,49 @@ class Plan:
     @property
     def num_parameters(self) -> int:
         """Warehouse cells plus attention branches (layer biases excluded)."""
-        return (sum(w.num_parameters for w in self.warehouses)
-                + sum(layer.attention_parameters for layer in self.layers))
+        return sum(w.num_parameters for w in self.warehouses) + sum(
+            layer.attention_parameters for layer in self.layers
+        )
 
     def __str__(self) -> str:
         rows = [("warehouse", "cell", "n", "b", "layers", "m total", "params")]
         for w in self.warehouses:
             members = [layer for layer in self.layers if layer.warehouse == w.name]
-            rows.append((w.name, "x".join(map(str, w.cell_shape)), str(w.num_cells),
-                         f"{w.config.cell_num_ratio:g}", str(len(members)),
-                         str(sum(layer.num_cells for layer in members)), f"{w.num_parameters:,}"))
-        lines = [_table(rows), "", _table(
-            [("layer", "warehouse", "weight", "grid", "m", "slots", "hidden", "basis")]
-            + [(layer.name, layer.warehouse, "x".join(map(str, layer.spec.weight_shape)),
-                "x".join(map(str, layer.grid)), str(layer.num_cells),
-                f"{layer.slots[0]}:{layer.slots[1]}", str(layer.hidden), str(layer.num_basis or "-"))
-               for layer in self.layers])]
-        lines.append(f"\n{len(self.layers)} layers, {len(self.warehouses)} warehouses, "
-                     f"{self.num_parameters:,} warehouse + attention parameters")
+            rows.append(
+                (
+                    w.name,
+                    "x".join(map(str, w.cell_shape)),
+                    str(w.num_cells),
+                    f"{w.config.cell_num_ratio:g}",
+                    str(len(members)),
+                    str(sum(layer.num_cells for layer in members)),
+                    f"{w.num_parameters:,}",
+                )
+            )
+        lines = [
+            _table(rows),
+            "",
+            _table(
+                [("layer", "warehouse", "weight", "grid", "m", "slots", "hidden", "basis")]
+                + [
+                    (
+                        layer.name,
+                        layer.warehouse,
+                        "x".join(map(str, layer.spec.weight_shape)),
+                        "x".join(map(str, layer.grid)),
+                        str(layer.num_cells),
+                        f"{layer.slots[0]}:{layer.slots[1]}",
+                        str(layer.hidden),
+                        str(layer.num_basis or "-"),
+                    )
+                    for layer in self.layers
+                ]
+            ),
+        ]
+        lines.append(
+            f"\n{len(self.layers)} layers, {len(self.warehouses)} warehouses, "
+            f"{self.num_parameters:,} warehouse + attention parameters"
+        )
         return "\n".join(lines)
 
 
@@ -230,21 +265,23 @@ def _per_warehouse(name: str, value: Any, warehouses: Sequence[str]) -> list[Any
     if isinstance(value, Mapping):
         unknown = set(value) - set(warehouses) - {"default"}
         if unknown:
-            raise ValueError(f"{name}: no warehouse named {sorted(unknown)}; warehouses are {list(warehouses)}")
+            raise ValueError(
+                f"{name}: no warehouse named {sorted(unknown)}; warehouses are {list(warehouses)}"
+            )
         default = value.get("default", getattr(WarehouseConfig, name))
         return [value.get(w, default) for w in warehouses]
     if isinstance(value, (list, tuple)):
         if len(value) == 1:
             return list(value) * len(warehouses)
         if len(value) != len(warehouses):
-            raise ValueError(f"{name}: got {len(value)} values for {len(warehouses)} warehouses "
-                             f"{list(warehouses)}")
+            raise ValueError(
+                f"{name}: got {len(value)} values for {len(warehouses)} warehouses {list(warehouses)}"
+            )
         return list(value)
     return [value] * len(warehouses)
 
 
-def plan_warehouses(layers: Sequence[LayerSpec], sharing_range: Sequence[str] = (),
-                    **ratios: Any) -> Plan:
+def plan_warehouses(layers: Sequence[LayerSpec], sharing_range: Sequence[str] = (), **ratios: Any) -> Plan:
     """Plan the warehouses of ``layers`` (given in visiting order, i.e. module order).
 
     Every keyword of :class:`WarehouseConfig` may be a single value, a sequence with one value per
@@ -277,12 +314,15 @@ def plan_warehouses(layers: Sequence[LayerSpec], sharing_range: Sequence[str] = 
     return Plan(tuple(warehouse_plans), tuple(layer_plans[n] for n in names), sharing_range)
 
 
-def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseConfig
-              ) -> tuple[WarehousePlan, list[LayerPlan]]:
+def _plan_one(
+    wname: str, index: int, members: list[LayerSpec], cfg: WarehouseConfig
+) -> tuple[WarehousePlan, list[LayerPlan]]:
     dims = {len(layer.kernel_size) for layer in members}
     if len(dims) > 1:
-        raise ValueError(f"warehouse {wname!r} mixes layers of different dimensionality: "
-                         + ", ".join(f"{m.name} ({len(m.kernel_size)}-d)" for m in members))
+        raise ValueError(
+            f"warehouse {wname!r} mixes layers of different dimensionality: "
+            + ", ".join(f"{m.name} ({len(m.kernel_size)}-d)" for m in members)
+        )
     g_out = math.gcd(*(m.out_channels for m in members))
     g_in = math.gcd(*(m.in_channels // m.groups for m in members))
     c_out = max(int(g_out * cfg.cell_outplane_ratio), 1)
@@ -292,8 +332,10 @@ def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseCo
     else:
         kernels = {m.kernel_size for m in members}
         if len(kernels) > 1:
-            raise ValueError(f"warehouse {wname!r}: spatial_partition=False needs one kernel size, got "
-                             + ", ".join(f"{m.name} {m.kernel_size}" for m in members))
+            raise ValueError(
+                f"warehouse {wname!r}: spatial_partition=False needs one kernel size, got "
+                + ", ".join(f"{m.name} {m.kernel_size}" for m in members)
+            )
         cell_k = kernels.pop()
 
     grids = []
@@ -304,9 +346,15 @@ def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseCo
                 f"layer {m.name!r} (weight {'x'.join(map(str, m.weight_shape))}) cannot be cut into cells of "
                 f"{c_out}x{c_in} of warehouse {wname!r}: cell_outplane_ratio={cfg.cell_outplane_ratio} of "
                 f"gcd {g_out} and cell_inplane_ratio={cfg.cell_inplane_ratio} of gcd {g_in} must divide the "
-                f"layer's {m.out_channels} output and {c_in_g} input channels")
-        grids.append(CellGrid(math.prod(k // c for k, c in zip(m.kernel_size, cell_k)),
-                              m.out_channels // c_out, c_in_g // c_in))
+                f"layer's {m.out_channels} output and {c_in_g} input channels"
+            )
+        grids.append(
+            CellGrid(
+                math.prod(k // c for k, c in zip(m.kernel_size, cell_k)),
+                m.out_channels // c_out,
+                c_in_g // c_in,
+            )
+        )
     cells = [math.prod(g) for g in grids]
     n = max(int(sum(cells) * cfg.cell_num_ratio), 1)
     assignments = assign_slots(cells, n, cfg.cell_num_ratio)
@@ -322,8 +370,9 @@ def _plan_one(wname: str, index: int, members: list[LayerSpec], cfg: WarehouseCo
     return wplan, plans
 
 
-def assign_slots(cells: Sequence[int], n: int, budget: float
-                 ) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+def assign_slots(
+    cells: Sequence[int], n: int, budget: float
+) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
     """Give each layer its owned warehouse slots and the beta target of each of its cells.
 
     The reference rule: with b >= 1 and k = int(b), cell t points at slot start + t*k and the layer
@@ -343,15 +392,18 @@ def assign_slots(cells: Sequence[int], n: int, budget: float
         if owned >= m:
             beta = tuple(start + t * owned // m for t in range(m))
         else:
-            beta = tuple(start + t * owned // m if (t + 1) * owned // m > t * owned // m else ZERO_CELL
-                         for t in range(m))
+            beta = tuple(
+                start + t * owned // m if (t + 1) * owned // m > t * owned // m else ZERO_CELL
+                for t in range(m)
+            )
         result.append(((start, stop), beta))
         start = stop
     return result
 
 
-def _reference_assignment(cells: Sequence[int], budget: float
-                          ) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+def _reference_assignment(
+    cells: Sequence[int], budget: float
+) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
     result, start = [], 0
     for m in cells:
         beta = []
@@ -370,4 +422,3 @@ def _reference_assignment(cells: Sequence[int], budget: float
         result.append(((start, stop), tuple(beta)))
         start = stop
     return result
-

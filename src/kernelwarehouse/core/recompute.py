@@ -1,6 +1,7 @@
 """The lean training form of the assembling paths: a per-sample convolution whose backward
 recomputes the assembled weights instead of keeping them.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,15 @@ from .. import native
 from .assembly import assemble_weights, split_into_cells
 from .loop import loop_backward, loop_conv
 from .mix import mix_backward
-from .per_sample import CONV, ConvGeometry, batch_chunks, grouped_conv, linear_per_sample, unfold_conv, weight_backward
+from .per_sample import (
+    CONV,
+    ConvGeometry,
+    batch_chunks,
+    grouped_conv,
+    linear_per_sample,
+    unfold_conv,
+    weight_backward,
+)
 
 #: How the backward of the ``loop`` path may run: by slices of output channels over the input
 #: patches, sample by sample, or in the ``mix`` form (no weight built at all).
@@ -43,17 +52,27 @@ class RecomputedWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,  # type: ignore[override]
-                geo: ConvGeometry, path: str, loop_backward_form: str) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        mixture: torch.Tensor,
+        cells: torch.Tensor,  # type: ignore[override]
+        geo: ConvGeometry,
+        path: str,
+        loop_backward_form: str,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, mixture, cells)
         ctx.geo, ctx.path, ctx.loop_backward_form = geo, path, loop_backward_form
         ctx.native = native.is_enabled()  # backward uses the products forward used
         if path in ("loop", "patches"):
             out = loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
         else:
-            outs = [apply_weights(x[part], assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape),
-                                  geo, path)
-                    for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape))]
+            outs = [
+                apply_weights(
+                    x[part], assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape), geo, path
+                )
+                for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape))
+            ]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         ctx.dtype = out.dtype  # under autocast, what the products ran in; backward runs in it too
         return out
@@ -72,20 +91,35 @@ class RecomputedWeights(torch.autograd.Function):
         return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None, None)
 
 
-def _backward(ctx, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-              grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+def _backward(
+    ctx,
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    grad: torch.Tensor,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+) -> torch.Tensor:
     """The backward form ``ctx`` asks for; fills grad_x and grad_mixture, returns the cells' gradient."""
     geo: ConvGeometry = ctx.geo
     if ctx.path not in ("loop", "patches"):
         return _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
     if ctx.loop_backward_form == "mix":
         return mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
-    return loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture,
-                         by_slices=ctx.loop_backward_form == "slices")
+    return loop_backward(
+        x, mixture, cells, grad, geo, grad_x, grad_mixture, by_slices=ctx.loop_backward_form == "slices"
+    )
 
 
-def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, grad: torch.Tensor,
-                      geo: ConvGeometry, grad_x: torch.Tensor | None, grad_mixture: torch.Tensor) -> torch.Tensor:
+def _chunked_backward(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+) -> torch.Tensor:
     """Backward of the assembled paths, a chunk of samples at a time; fills grad_x and
     grad_mixture, returns the cells' gradient."""
     cells2d = cells.reshape(cells.shape[0], -1)
@@ -100,8 +134,13 @@ def _chunked_backward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tenso
     return grad_cells.reshape(cells.shape)
 
 
-def cells_gradients(per_cell: torch.Tensor, mixture: torch.Tensor, cells2d: torch.Tensor,
-                    grad_mixture: torch.Tensor, grad_cells: torch.Tensor) -> None:
+def cells_gradients(
+    per_cell: torch.Tensor,
+    mixture: torch.Tensor,
+    cells2d: torch.Tensor,
+    grad_mixture: torch.Tensor,
+    grad_cells: torch.Tensor,
+) -> None:
     """From the per-sample weight gradients of a chunk of samples split into cells, (b, m, cell
     elements), and their mixture weights (b, m, n): writes their mixture gradient, dW cells^T, into
     ``grad_mixture`` (b, m, n) and adds their cell gradient, sum_b mixture_b^T dW_b, to

@@ -1,4 +1,5 @@
 """The temperature tau of the attention function, annealed from 1 to 0 early in training."""
+
 from __future__ import annotations
 
 import torch
@@ -74,8 +75,13 @@ class TemperatureSchedule:
         return self.tau
 
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done, "anneal_steps": self.anneal_steps,
-                "start": self.start, "end": self.end, "tau": self.tau}
+        return {
+            "steps_done": self.steps_done,
+            "anneal_steps": self.anneal_steps,
+            "start": self.start,
+            "end": self.end,
+            "tau": self.tau,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done, self.anneal_steps = state["steps_done"], state["anneal_steps"]
@@ -120,8 +126,13 @@ class TemperatureAnnealing(nn.Module):
 ANNEALING = "temperature_annealing"  # the attribute of the model that holds the annealing state
 
 
-def anneal(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None = None,
-           start: float = 1.0, end: float = 0.0) -> TemperatureAnnealing:
+def anneal(
+    model: nn.Module,
+    steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    start: float = 1.0,
+    end: float = 0.0,
+) -> TemperatureAnnealing:
     """Make tau fall linearly from ``start`` to ``end`` over ``steps`` training steps, with no call
     in the training loop.
 
@@ -134,7 +145,9 @@ def anneal(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None
         raise TypeError(f"anneal needs an nn.Module, got {type(model).__name__}")
     attentions = [m for m in model.modules() if isinstance(m, KWAttention)]
     if not attentions:
-        raise ValueError(f"{type(model).__name__} has no KernelWarehouse layers: there is no temperature to anneal")
+        raise ValueError(
+            f"{type(model).__name__} has no KernelWarehouse layers: there is no temperature to anneal"
+        )
     if isinstance(getattr(model, ANNEALING, None), TemperatureAnnealing):
         raise ValueError("the temperature of this model is already annealed (model.temperature_annealing)")
     param = attentions[0].temperature
@@ -143,14 +156,18 @@ def anneal(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None
     setattr(model, ANNEALING, state)
     state.apply()
     if optimizer is not None:
+
         def after_step(*_):
             state.advance()
             state.apply()
+
         optimizer.register_step_post_hook(after_step)
     else:
+
         def before_forward(module, _):
             if module.training:
                 state.apply()
                 state.advance()
+
         model.register_forward_pre_hook(before_forward)
     return state

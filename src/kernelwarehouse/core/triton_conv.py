@@ -19,11 +19,13 @@ from the mixture weights and the warehouse cells (:func:`_weight_tile`) right be
 
 Supported: 2-d and 1-d convolutions of any stride, padding, dilation and groups (not depthwise,
 which the other paths serve), and linear layers (a 1x1 convolution over the tokens). The kernels
-take any strides; :func:`triton_conv` hands them 2-d inputs channels-last. Products run in the input's dtype (autocast's where it is on;
+take any strides; :func:`triton_conv` hands them 2-d inputs channels-last. Products run in the
+input's dtype (autocast's where it is on;
 fp32 with TF32 where ``torch.backends.cudnn.allow_tf32`` allows it, as PyTorch's convolutions do)
 with fp32 accumulation; the assembly runs in fp32. Under ``TRITON_INTERPRET=1`` the kernels run on
 CPU tensors (how the tests check them without a GPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +41,25 @@ from .recompute import cells_gradients
 
 
 @triton.jit
-def _weight_tile(mix_ptr, cells_ptr, oc, ci, kpos, mask, first_oc, first_ci, N_CELLS, C_OUT_CELL, C_IN_CELL,
-                 K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL, SE_OUT, ONE_CELL: tl.constexpr):
+def _weight_tile(
+    mix_ptr,
+    cells_ptr,
+    oc,
+    ci,
+    kpos,
+    mask,
+    first_oc,
+    first_ci,
+    N_CELLS,
+    C_OUT_CELL,
+    C_IN_CELL,
+    K_CELL,
+    OUT_BLOCKS,
+    IN_BLOCKS,
+    SE_CELL,
+    SE_OUT,
+    ONE_CELL: tl.constexpr,
+):
     """One sample's W[oc, ci, kpos] for the (broadcast) index tiles ``oc`` (output channel of the
     layer) and ``ci`` (input channel within its group) at kernel position ``kpos``, in fp32 and 0
     where masked: its cell's mixture weights (``mix_ptr``: the sample's (m, n) rows) times the
@@ -65,13 +84,49 @@ def _weight_tile(mix_ptr, cells_ptr, oc, ci, kpos, mask, first_oc, first_ci, N_C
 
 
 @triton.jit
-def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
-                    H, W, OH, OW, C_OUT_GROUP, C_IN_GROUP,
-                    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-                    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                    N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL, SE_OUT,
-                    TILES_N, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr, PRECISION: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    mix_ptr,
+    cells_ptr,
+    out_ptr,
+    H,
+    W,
+    OH,
+    OW,
+    C_OUT_GROUP,
+    C_IN_GROUP,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sob,
+    soc,
+    soh,
+    sow,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    N_CELLS,
+    C_OUT_CELL,
+    C_IN_CELL,
+    K_CELL,
+    OUT_BLOCKS,
+    IN_BLOCKS,
+    M_CELLS,
+    SE_CELL,
+    SE_OUT,
+    TILES_N,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_CELL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,26 +147,85 @@ def _forward_kernel(x_ptr, mix_ptr, cells_ptr, out_ptr,
         for c0 in range(0, C_IN_GROUP, BLOCK_K):
             ci = c0 + tl.arange(0, BLOCK_K)
             ci_ok = ci < C_IN_GROUP
-            xt = tl.load(rows[:, None] + ci[None, :].to(tl.int64) * sxc,
-                         mask=inside[:, None] & ci_ok[None, :], other=0.0)
-            wt = _weight_tile(mix, cells_ptr, oc[None, :], ci[:, None], kpos, ci_ok[:, None] & oc_ok[None, :],
-                              first_oc, c0, N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS,
-                              SE_CELL, SE_OUT, ONE_CELL)
+            xt = tl.load(
+                rows[:, None] + ci[None, :].to(tl.int64) * sxc,
+                mask=inside[:, None] & ci_ok[None, :],
+                other=0.0,
+            )
+            wt = _weight_tile(
+                mix,
+                cells_ptr,
+                oc[None, :],
+                ci[:, None],
+                kpos,
+                ci_ok[:, None] & oc_ok[None, :],
+                first_oc,
+                c0,
+                N_CELLS,
+                C_OUT_CELL,
+                C_IN_CELL,
+                K_CELL,
+                OUT_BLOCKS,
+                IN_BLOCKS,
+                SE_CELL,
+                SE_OUT,
+                ONE_CELL,
+            )
             acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
-    out = (out_ptr + sample * sob + (oc.to(tl.int64) * soc)[None, :]
-           + (oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None])
+    out = (
+        out_ptr
+        + sample * sob
+        + (oc.to(tl.int64) * soc)[None, :]
+        + (oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
+    )
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & oc_ok[None, :])
 
 
 @triton.jit
-def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
-                       H, W, OH, OW, C_OUT_GROUP, C_IN_GROUP,
-                       sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
-                       STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                       N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS, SE_CELL,
-                       SE_OUT, TILES_N, TILES_M, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CELL: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _input_grad_kernel(
+    grad_ptr,
+    mix_ptr,
+    cells_ptr,
+    gx_ptr,
+    H,
+    W,
+    OH,
+    OW,
+    C_OUT_GROUP,
+    C_IN_GROUP,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    N_CELLS,
+    C_OUT_CELL,
+    C_IN_CELL,
+    K_CELL,
+    OUT_BLOCKS,
+    IN_BLOCKS,
+    M_CELLS,
+    SE_CELL,
+    SE_OUT,
+    TILES_N,
+    TILES_M,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_CELL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     sample = tl.program_id(2).to(tl.int64)
     group = tl.program_id(1) // TILES_N
     # input positions of one phase (ih mod stride, iw mod stride): a kernel offset reaches all of
@@ -140,28 +254,81 @@ def _input_grad_kernel(grad_ptr, mix_ptr, cells_ptr, gx_ptr,
             for c0 in range(0, C_OUT_GROUP, BLOCK_K):
                 oc_local = c0 + tl.arange(0, BLOCK_K)
                 oc_ok = oc_local < C_OUT_GROUP
-                gt = tl.load(rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
-                             mask=reached[:, None] & oc_ok[None, :], other=0.0)
+                gt = tl.load(
+                    rows[:, None] + oc_local[None, :].to(tl.int64) * sgc,
+                    mask=reached[:, None] & oc_ok[None, :],
+                    other=0.0,
+                )
                 oc = group * C_OUT_GROUP + oc_local
-                wt = _weight_tile(mix, cells_ptr, oc[:, None], ci[None, :], kpos,
-                                  oc_ok[:, None] & ci_ok[None, :], group * C_OUT_GROUP + c0, first_ci,
-                                  N_CELLS, C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, SE_CELL,
-                                  SE_OUT, ONE_CELL)
+                wt = _weight_tile(
+                    mix,
+                    cells_ptr,
+                    oc[:, None],
+                    ci[None, :],
+                    kpos,
+                    oc_ok[:, None] & ci_ok[None, :],
+                    group * C_OUT_GROUP + c0,
+                    first_ci,
+                    N_CELLS,
+                    C_OUT_CELL,
+                    C_IN_CELL,
+                    K_CELL,
+                    OUT_BLOCKS,
+                    IN_BLOCKS,
+                    SE_CELL,
+                    SE_OUT,
+                    ONE_CELL,
+                )
                 acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
-    gx = (gx_ptr + sample * sxb + ((group * C_IN_GROUP + ci).to(tl.int64) * sxc)[None, :]
-          + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None])
+    gx = (
+        gx_ptr
+        + sample * sxb
+        + ((group * C_IN_GROUP + ci).to(tl.int64) * sxc)[None, :]
+        + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+    )
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=pos_ok[:, None] & ci_ok[None, :])
 
 
 @triton.jit
-def _weight_grad_kernel(x_ptr, grad_ptr, gw_ptr,
-                        H, W, OH, OW, C_OUT_GROUP, C_IN_GROUP,
-                        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                        C_OUT_CELL, C_IN_CELL, K_CELL, OUT_BLOCKS, IN_BLOCKS, M_CELLS,
-                        TILES_CI, TILES_OC, KH: tl.constexpr, KW: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_OC: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _weight_grad_kernel(
+    x_ptr,
+    grad_ptr,
+    gw_ptr,
+    H,
+    W,
+    OH,
+    OW,
+    C_OUT_GROUP,
+    C_IN_GROUP,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    C_OUT_CELL,
+    C_IN_CELL,
+    K_CELL,
+    OUT_BLOCKS,
+    IN_BLOCKS,
+    M_CELLS,
+    TILES_CI,
+    TILES_OC,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_OC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     sample = tl.program_id(2).to(tl.int64)
     kpos = tl.program_id(0) // TILES_CI
     ci = (tl.program_id(0) % TILES_CI) * BLOCK_CI + tl.arange(0, BLOCK_CI)
@@ -180,17 +347,25 @@ def _weight_grad_kernel(x_ptr, grad_ptr, gw_ptr,
         ih = oh * STRIDE_H - PAD_H + (kpos // KW) * DIL_H
         iw = ow * STRIDE_W - PAD_W + (kpos % KW) * DIL_W
         inside = pos_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xt = tl.load(x_rows + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[None, :],
-                     mask=ci_ok[:, None] & inside[None, :], other=0.0)
-        gt = tl.load(grad_cols + (oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None],
-                     mask=pos_ok[:, None] & oc_ok[None, :], other=0.0)
+        xt = tl.load(
+            x_rows + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[None, :],
+            mask=ci_ok[:, None] & inside[None, :],
+            other=0.0,
+        )
+        gt = tl.load(
+            grad_cols + (oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None],
+            mask=pos_ok[:, None] & oc_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
     # dW split into cells: (sample, m, c_out, c_in, k_cell), what the mixture and cell gradients read
     cell_size = C_OUT_CELL * C_IN_CELL * K_CELL
-    cell = (((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL)[None, :] * IN_BLOCKS
-            + (ci // C_IN_CELL)[:, None])
-    within = (((oc % C_OUT_CELL) * C_IN_CELL * K_CELL)[None, :]
-              + ((ci % C_IN_CELL) * K_CELL + kpos % K_CELL)[:, None])
+    cell = ((kpos // K_CELL) * OUT_BLOCKS + oc // C_OUT_CELL)[None, :] * IN_BLOCKS + (ci // C_IN_CELL)[
+        :, None
+    ]
+    within = ((oc % C_OUT_CELL) * C_IN_CELL * K_CELL)[None, :] + ((ci % C_IN_CELL) * K_CELL + kpos % K_CELL)[
+        :, None
+    ]
     gw = gw_ptr + sample * M_CELLS * cell_size + cell.to(tl.int64) * cell_size + within
     tl.store(gw, acc, mask=ci_ok[:, None] & oc_ok[None, :])
 
@@ -210,8 +385,13 @@ def _plane(geo: ConvGeometry) -> _Plane:
     if geo.dims == 2:
         return _Plane(tuple(geo.weight_shape[2:]), geo.stride, geo.padding, geo.dilation, geo.groups)
     if geo.dims == 1:
-        return _Plane((geo.weight_shape[2], 1), (geo.stride[0], 1), (geo.padding[0], 0), (geo.dilation[0], 1),
-                      geo.groups)
+        return _Plane(
+            (geo.weight_shape[2], 1),
+            (geo.stride[0], 1),
+            (geo.padding[0], 0),
+            (geo.dilation[0], 1),
+            geo.groups,
+        )
     return _Plane((1, 1), (1, 1), (0, 0), (1, 1), 1)
 
 
@@ -233,8 +413,12 @@ def _from_4d(t: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
 
 
 def _out_size(x4: torch.Tensor, plane: _Plane) -> tuple[int, int]:
-    return tuple((x4.shape[2 + i] + 2 * plane.padding[i] - plane.dilation[i] * (plane.kernel[i] - 1) - 1)
-                 // plane.stride[i] + 1 for i in range(2))
+    return tuple(
+        (x4.shape[2 + i] + 2 * plane.padding[i] - plane.dilation[i] * (plane.kernel[i] - 1) - 1)
+        // plane.stride[i]
+        + 1
+        for i in range(2)
+    )
 
 
 def _block(size: int, most: int) -> int:
@@ -251,8 +435,8 @@ def _precision(dtype: torch.dtype) -> str:
 class _Cells(NamedTuple):
     """The warehouse as the kernels read it, and the cell geometry of the layer."""
 
-    mixture: torch.Tensor   # (B, m, n), contiguous
-    cells: torch.Tensor     # (n, c_out, c_in * k_cell), the last dimension contiguous
+    mixture: torch.Tensor  # (B, m, n), contiguous
+    cells: torch.Tensor  # (n, c_out, c_in * k_cell), the last dimension contiguous
     num: int
     c_out: int
     c_in: int
@@ -266,24 +450,46 @@ class _Cells(NamedTuple):
         flat = cells.reshape(num, c_out, -1)
         if flat.stride(2) != 1:
             flat = flat.contiguous()
-        return cls(mixture.contiguous(), flat, num, c_out, c_in, math.prod(cells.shape[3:]), geo.grid.out_blocks,
-                   geo.grid.in_blocks)
+        return cls(
+            mixture.contiguous(),
+            flat,
+            num,
+            c_out,
+            c_in,
+            math.prod(cells.shape[3:]),
+            geo.grid.out_blocks,
+            geo.grid.in_blocks,
+        )
 
     def args(self) -> list[int]:
         """N_CELLS .. SE_OUT of the forward and input-gradient kernels."""
-        return [self.num, self.c_out, self.c_in, self.k_cell, self.out_blocks, self.in_blocks,
-                self.mixture.shape[1], self.cells.stride(0), self.cells.stride(1)]
+        return [
+            self.num,
+            self.c_out,
+            self.c_in,
+            self.k_cell,
+            self.out_blocks,
+            self.in_blocks,
+            self.mixture.shape[1],
+            self.cells.stride(0),
+            self.cells.stride(1),
+        ]
 
     def one_cell(self, plane: _Plane, weight_shape: tuple[int, ...], tile_out: int, tile_in: int) -> bool:
         """Whether every tile of ``tile_out`` output channels by ``tile_in`` input channels lies in
         one cell (tiles start at multiples of their size within a group)."""
         c_out_group, c_in_group = weight_shape[0] // plane.groups, weight_shape[1]
-        return (self.c_out % tile_out == 0 and c_out_group % tile_out == 0
-                and self.c_in % tile_in == 0 and c_in_group % tile_in == 0)
+        return (
+            self.c_out % tile_out == 0
+            and c_out_group % tile_out == 0
+            and self.c_in % tile_in == 0
+            and c_in_group % tile_in == 0
+        )
 
 
-def _like_input(x4: torch.Tensor, batch: int, channels: int, size: tuple[int, int],
-                dtype: torch.dtype) -> torch.Tensor:
+def _like_input(
+    x4: torch.Tensor, batch: int, channels: int, size: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """An empty (B, C, H, W) tensor laid out as ``x4``: channels last where its channels are."""
     if x4.stride(1) == 1 and x4.shape[1] > 1:
         return torch.empty(batch, *size, channels, device=x4.device, dtype=dtype).permute(0, 3, 1, 2)
@@ -306,17 +512,35 @@ def forward(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: Co
     block_k = _block(c_in_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n = triton.cdiv(c_out_group, block_n)
     grid = (triton.cdiv(size[0] * size[1], block_m), plane.groups * tiles_n, batch)
-    _forward_kernel[grid](x4, warehouse.mixture, warehouse.cells, out, *x4.shape[2:], *size, c_out_group,
-                          c_in_group, *x4.stride(), *out.stride(), *_conv_args(plane), *warehouse.args(),
-                          tiles_n, KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_K=block_k,
-                          ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_n, block_k),
-                          PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
+    _forward_kernel[grid](
+        x4,
+        warehouse.mixture,
+        warehouse.cells,
+        out,
+        *x4.shape[2:],
+        *size,
+        c_out_group,
+        c_in_group,
+        *x4.stride(),
+        *out.stride(),
+        *_conv_args(plane),
+        *warehouse.args(),
+        tiles_n,
+        KH=plane.kernel[0],
+        KW=plane.kernel[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_n, block_k),
+        PRECISION=_precision(x.dtype),
+        num_warps=tuning.TRITON_WARPS,
+    )
     return _from_4d(out, geo)
 
 
-def input_grad(grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry,
-               x: torch.Tensor) -> torch.Tensor:
+def input_grad(
+    grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry, x: torch.Tensor
+) -> torch.Tensor:
     """The gradient with respect to x (shaped and laid out as x): ``_input_grad_kernel``."""
     plane, x4, g4, warehouse = _plane(geo), _as_4d(x, geo), _as_4d(grad, geo), _Cells.of(mixture, cells, geo)
     batch, c_in_group = x4.shape[0], geo.weight_shape[1]
@@ -330,12 +554,30 @@ def input_grad(grad: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, g
     block_k = _block(c_out_group, tuning.TRITON_BLOCK_REDUCTION)
     tiles_n, tiles_m = triton.cdiv(c_in_group, block_n), triton.cdiv(positions, block_m)
     grid = (plane.stride[0] * plane.stride[1] * tiles_m, plane.groups * tiles_n, batch)
-    _input_grad_kernel[grid](g4, warehouse.mixture, warehouse.cells, gx4, *x4.shape[2:], *g4.shape[2:],
-                             c_out_group, c_in_group, *g4.stride(), *gx4.stride(), *_conv_args(plane),
-                             *warehouse.args(), tiles_n, tiles_m, KH=plane.kernel[0], KW=plane.kernel[1],
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
-                             PRECISION=_precision(grad.dtype), num_warps=tuning.TRITON_WARPS)
+    _input_grad_kernel[grid](
+        g4,
+        warehouse.mixture,
+        warehouse.cells,
+        gx4,
+        *x4.shape[2:],
+        *g4.shape[2:],
+        c_out_group,
+        c_in_group,
+        *g4.stride(),
+        *gx4.stride(),
+        *_conv_args(plane),
+        *warehouse.args(),
+        tiles_n,
+        tiles_m,
+        KH=plane.kernel[0],
+        KW=plane.kernel[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        ONE_CELL=warehouse.one_cell(plane, geo.weight_shape, block_k, block_n),
+        PRECISION=_precision(grad.dtype),
+        num_warps=tuning.TRITON_WARPS,
+    )
     return gx
 
 
@@ -353,12 +595,32 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, cells: torch.Tensor, geo: C
     block_oc = _block(c_out_group, tuning.TRITON_BLOCK_CHANNELS)
     tiles_ci, tiles_oc = triton.cdiv(c_in_group, block_ci), triton.cdiv(c_out_group, block_oc)
     grid = (kernel * tiles_ci, plane.groups * tiles_oc, batch)
-    _weight_grad_kernel[grid](x4, g4, gw, *x4.shape[2:], *g4.shape[2:], c_out_group, c_in_group,
-                              *x4.stride(), *g4.stride(), *_conv_args(plane), *cells.shape[1:3],
-                              math.prod(cells.shape[3:]), geo.grid.out_blocks, geo.grid.in_blocks, num_cells,
-                              tiles_ci, tiles_oc,
-                              KH=plane.kernel[0], KW=plane.kernel[1], BLOCK_L=block_l, BLOCK_CI=block_ci,
-                              BLOCK_OC=block_oc, PRECISION=_precision(x.dtype), num_warps=tuning.TRITON_WARPS)
+    _weight_grad_kernel[grid](
+        x4,
+        g4,
+        gw,
+        *x4.shape[2:],
+        *g4.shape[2:],
+        c_out_group,
+        c_in_group,
+        *x4.stride(),
+        *g4.stride(),
+        *_conv_args(plane),
+        *cells.shape[1:3],
+        math.prod(cells.shape[3:]),
+        geo.grid.out_blocks,
+        geo.grid.in_blocks,
+        num_cells,
+        tiles_ci,
+        tiles_oc,
+        KH=plane.kernel[0],
+        KW=plane.kernel[1],
+        BLOCK_L=block_l,
+        BLOCK_CI=block_ci,
+        BLOCK_OC=block_oc,
+        PRECISION=_precision(x.dtype),
+        num_warps=tuning.TRITON_WARPS,
+    )
     return gw
 
 
@@ -369,8 +631,13 @@ class FusedConv(torch.autograd.Function):
     (:data:`kernelwarehouse.tuning.CHUNK_ELEMENTS`), so nothing of size B |W| is kept."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,  # type: ignore[override]
-                geo: ConvGeometry) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        mixture: torch.Tensor,
+        cells: torch.Tensor,  # type: ignore[override]
+        geo: ConvGeometry,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, mixture, cells)
         ctx.geo = geo
         return forward(x, mixture, cells, geo)
@@ -396,8 +663,9 @@ class FusedConv(torch.autograd.Function):
         return grad_x, grad_mixture, grad_cells, None
 
 
-def triton_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor,
-                geo: ConvGeometry) -> torch.Tensor:
+def triton_conv(
+    x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry
+) -> torch.Tensor:
     """A KernelWarehouse convolution (without bias) on the fused kernels; x in autocast's dtype where
     autocast is on, the mixture weights and cells as they are (the assembly runs in fp32).
 

@@ -1,4 +1,5 @@
 """The warehouse: n kernel cells that every layer of one sharing group mixes its cells from."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -34,8 +35,9 @@ class Warehouse(nn.Module):
                 if stop == start:
                     continue
                 cells = self.weight[start:stop]
-                stacked = torch.empty(cells.shape[0] * cells.shape[1], *cells.shape[2:], dtype=cells.dtype,
-                                      device=cells.device)
+                stacked = torch.empty(
+                    cells.shape[0] * cells.shape[1], *cells.shape[2:], dtype=cells.dtype, device=cells.device
+                )
                 nn.init.kaiming_normal_(stacked, mode="fan_out", nonlinearity="relu")
                 cells.copy_(stacked.view(cells.shape))
 

@@ -8,6 +8,7 @@ layers of every transformer block dynamic. Warehouses are shared across the bloc
 token included. Patch embedding, norms and the classifier stay static. ``small_input=True`` builds
 the model for 32x32 images with 4x4 patches.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -25,19 +26,31 @@ PARTS = (("attn", KINDS[:2]), ("mlp", KINDS[2:]))
 
 def deit_warehouse_keys(model: nn.Module, budget: Fraction | None = None) -> dict[str, str]:
     """Module path -> warehouse: one warehouse per linear kind, shared by all blocks."""
-    return {f"blocks.{i}.{part}.{kind}": kind for i in range(len(model.blocks)) for part, kinds in PARTS
-            for kind in kinds}
+    return {
+        f"blocks.{i}.{part}.{kind}": kind
+        for i in range(len(model.blocks))
+        for part, kinds in PARTS
+        for kind in kinds
+    }
 
 
 def deit_plan_options(budget: Fraction) -> dict[str, Any]:
     # cells of dim x dim: qkv (3 dim x dim) and fc1 (4 dim x dim) cut their outputs, fc2 its inputs
-    return {"cell_outplane_ratio": {"qkv": 1 / 3, "fc1": 1 / 4}, "cell_inplane_ratio": {"fc2": 1 / 4},
-            "norm": "layer"}
+    return {
+        "cell_outplane_ratio": {"qkv": 1 / 3, "fc1": 1 / 4},
+        "cell_inplane_ratio": {"fc2": 1 / 4},
+        "norm": "layer",
+    }
 
 
 def _family(timm_name: str) -> Family:
-    return Family(timm_name, deit_warehouse_keys, deit_plan_options, feature_cfg={"feature_cls": "getter"},
-                  small_input_kwargs={"img_size": 32, "patch_size": 4})
+    return Family(
+        timm_name,
+        deit_warehouse_keys,
+        deit_plan_options,
+        feature_cfg={"feature_cls": "getter"},
+        small_input_kwargs={"img_size": 32, "patch_size": 4},
+    )
 
 
 DEIT_TINY, DEIT_SMALL = _family("deit_tiny_patch16_224"), _family("deit_small_patch16_224")

@@ -10,6 +10,7 @@ timm's own. ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=PATH)`` 
 the reference implementation, one of ours, or a static timm state dict (a warm start: exact at tau = 1
 for budgets >= 1).
 """
+
 from __future__ import annotations
 
 import re
@@ -18,7 +19,6 @@ from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 import timm
-import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, get_pretrained_cfg, register_notrace_module
 
@@ -31,8 +31,22 @@ SMALL_INPUT = 32  # the image size a ``small_input`` model's cfg states
 PLAN_OPTIONS = frozenset(RATIO_NAMES) | {"sharing_range"}
 # what the cfg of the static timm model says about weights it distributes; ours distribute none
 # and the test-time sizes of timm's training recipes; our evaluation is the paper's: a 0.875 centre crop
-DROPPED_CFG_KEYS = ("url", "hf_hub_id", "tag", "license", "origin_url", "paper_ids", "paper_name", "notes",
-                    "hf_hub_filename", "source", "file", "state_dict", "test_input_size", "test_crop_pct")
+DROPPED_CFG_KEYS = (
+    "url",
+    "hf_hub_id",
+    "tag",
+    "license",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "hf_hub_filename",
+    "source",
+    "file",
+    "state_dict",
+    "test_input_size",
+    "test_crop_pct",
+)
 EVAL_CROP_PCT = 0.875
 
 
@@ -64,7 +78,9 @@ class Family:
     small_input_reduction: int = 8
 
 
-for _layer in set(STATIC_TO_KW.values()):  # leaves of timm's FX feature extraction, as timm's own dynamic layers
+for _layer in set(
+    STATIC_TO_KW.values()
+):  # leaves of timm's FX feature extraction, as timm's own dynamic layers
     register_notrace_module(_layer)
 
 FAMILIES: dict[str, Family] = {}  # model name (timm's variant) -> its family, filled as models are built
@@ -99,14 +115,18 @@ def default_cfg(family: Family, first_conv: str | None = None, **overrides: Any)
     """The pretrained cfg of a zoo model: timm's for the static architecture (input size, mean and
     std, pool size, classifier), without its weights, with the paper's evaluation crop; ``first_conv``
     where the stem is dynamic."""
-    cfg = {k: v for k, v in get_pretrained_cfg(family.timm_name).to_dict().items() if k not in DROPPED_CFG_KEYS}
+    cfg = {
+        k: v for k, v in get_pretrained_cfg(family.timm_name).to_dict().items() if k not in DROPPED_CFG_KEYS
+    }
     cfg["crop_pct"] = EVAL_CROP_PCT
     if first_conv is not None:
         cfg["first_conv"] = first_conv
     return {**cfg, **overrides}
 
 
-def build(variant: str, family: Family, pretrained: bool = False, dynamic: bool = True, **kwargs: Any) -> nn.Module:
+def build(
+    variant: str, family: Family, pretrained: bool = False, dynamic: bool = True, **kwargs: Any
+) -> nn.Module:
     """Build a registered zoo model through timm's ``build_model_with_cfg`` (timm entry points call this).
 
     ``anneal_steps=N`` anneals tau from 1 to 0 over N training steps (:func:`kernelwarehouse.anneal`).
@@ -129,8 +149,15 @@ def build(variant: str, family: Family, pretrained: bool = False, dynamic: bool 
         return model
 
     from ..compat.reference import pretrained_filter
-    model = build_model_with_cfg(create, variant, pretrained, feature_cfg=dict(family.feature_cfg),
-                                 pretrained_filter_fn=pretrained_filter(family), **kwargs)
+
+    model = build_model_with_cfg(
+        create,
+        variant,
+        pretrained,
+        feature_cfg=dict(family.feature_cfg),
+        pretrained_filter_fn=pretrained_filter(family),
+        **kwargs,
+    )
     if small and not kwargs.get("features_only"):
         _small_input_cfg(model, kwargs.get("in_chans", 3), family.small_input_reduction)
     return model
@@ -149,5 +176,7 @@ def module_renamer(names: Mapping[str, str]) -> Callable[[str], str]:
     """A function renaming a parameter key by the longest module-path prefix in ``names``."""
     if not names:
         return lambda key: key
-    pattern = re.compile("^(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")(?=\.)")
+    pattern = re.compile(
+        "^(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")(?=\.)"
+    )
     return lambda key: pattern.sub(lambda m: names[m.group(1)], key, count=1)

@@ -8,6 +8,7 @@ classifier dynamic. timm's rows ``blocks.{r}`` are the rows of the MobileNetV2 t
 reference implementation used torchvision's names (``features.{k}``), mapped by
 :func:`mobilenetv2_reference_names` when its checkpoints are loaded.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -23,12 +24,20 @@ from .resnet import shrink_feature_info
 F = Fraction
 
 # expansion t, output channels c, blocks n, first stride s
-INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                             (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 WAREHOUSE_STAGE = (1, 2, 3, 4, 5, 6, 6)  # warehouse stage of each row above
 
 HALF = {  # the paper's 1/2x MobileNetV2: per-warehouse ratios over its ten warehouses
-    "sharing_range": ("layer",), "reduction": 1 / 32,
+    "sharing_range": ("layer",),
+    "reduction": 1 / 32,
     "cell_num_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.5),
     "cell_inplane_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.025),
     "cell_outplane_ratio": (1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 1),
@@ -88,7 +97,14 @@ def mobilenetv2_reference_names(model: nn.Module) -> dict[str, str]:
         if t == 1:
             parts = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
         else:
-            parts = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
+            parts = {
+                "0.0": "conv_pw",
+                "0.1": "bn1",
+                "1.0": "conv_dw",
+                "1.1": "bn2",
+                "2": "conv_pwl",
+                "3": "bn3",
+            }
         names.update({f"{source}.{k}": f"{prefix}.{v}" for k, v in parts.items()})
         index += 1
     names.update({f"features.{index}.0": "conv_head", f"features.{index}.1": "bn2"})
@@ -96,14 +112,22 @@ def mobilenetv2_reference_names(model: nn.Module) -> dict[str, str]:
 
 
 def _family(timm_name: str) -> Family:
-    return Family(timm_name, mobilenetv2_warehouse_keys, mobilenetv2_plan_options, mobilenetv2_small_input,
-                  mobilenetv2_reference_names, feature_cfg={"flatten_sequential": True})
+    return Family(
+        timm_name,
+        mobilenetv2_warehouse_keys,
+        mobilenetv2_plan_options,
+        mobilenetv2_small_input,
+        mobilenetv2_reference_names,
+        feature_cfg={"flatten_sequential": True},
+    )
 
 
 MOBILENETV2_100, MOBILENETV2_050 = _family("mobilenetv2_100"), _family("mobilenetv2_050")
 # the stem is dynamic: its parameters are its warehouse's
-default_cfgs = {"kw_mobilenetv2_100": default_cfg(MOBILENETV2_100, first_conv="conv_stem.warehouse"),
-                "kw_mobilenetv2_050": default_cfg(MOBILENETV2_050, first_conv="conv_stem.warehouse")}
+default_cfgs = {
+    "kw_mobilenetv2_100": default_cfg(MOBILENETV2_100, first_conv="conv_stem.warehouse"),
+    "kw_mobilenetv2_050": default_cfg(MOBILENETV2_050, first_conv="conv_stem.warehouse"),
+}
 
 
 @register_zoo(paper={None: (3.50, 72.04)}, reference_params={None: 3504872})
@@ -118,16 +142,20 @@ def mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return build("mobilenetv2_050", MOBILENETV2_050, pretrained, dynamic=False, **kwargs)
 
 
-@register_zoo(paper={F(1, 2): (2.65, 72.59), F(1): (5.17, 74.68), F(4): (11.38, 75.92)},
-              reference_params={F(1, 2): 2654396, F(1): 5168146, F(4): 11379382})
+@register_zoo(
+    paper={F(1, 2): (2.65, 72.59), F(1): (5.17, 74.68), F(4): (11.38, 75.92)},
+    reference_params={F(1, 2): 2654396, F(1): 5168146, F(4): 11379382},
+)
 @register_model
 def kw_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """KW-MobileNetV2 1.0 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""
     return build("kw_mobilenetv2_100", MOBILENETV2_100, pretrained, **kwargs)
 
 
-@register_zoo(paper={F(1, 2): (1.47, 65.20), F(1): (2.85, 68.29), F(4): (4.65, 70.26)},
-              reference_params={F(1, 2): 1466888, F(1): 2854522, F(4): 4648587})
+@register_zoo(
+    paper={F(1, 2): (1.47, 65.20), F(1): (2.85, 68.29), F(4): (4.65, 70.26)},
+    reference_params={F(1, 2): 1466888, F(1): 2854522, F(4): 4648587},
+)
 @register_model
 def kw_mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """KW-MobileNetV2 0.5 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""

@@ -1,4 +1,5 @@
 """The model registry: ``create_model(name, budget=..., **overrides)`` and ``list_models()``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,13 +20,17 @@ class ModelEntry:
     dynamic: bool
     paper: dict[Fraction | None, tuple[float, float | None]] = field(default_factory=dict)
     reference_params: dict[Fraction | None, int] = field(default_factory=dict)
-    kind: str = ""  # "static", "kw" or "baseline" (a dynamic convolution without budget); default by ``dynamic``
+    kind: str = (
+        ""  # "static", "kw" or "baseline" (a dynamic convolution without budget); default by ``dynamic``
+    )
 
     def __post_init__(self) -> None:
         if not self.kind:
             object.__setattr__(self, "kind", "kw" if self.dynamic else "static")
         if self.kind not in ("static", "kw", "baseline") or (self.kind == "kw") != self.dynamic:
-            raise ValueError(f"model {self.name!r}: kind {self.kind!r} does not agree with dynamic={self.dynamic}")
+            raise ValueError(
+                f"model {self.name!r}: kind {self.kind!r} does not agree with dynamic={self.dynamic}"
+            )
 
     def check_budget(self, budget: Any) -> None:
         """Raise for a budget given to a model that takes none (static models and baselines)."""
@@ -40,8 +45,10 @@ class ModelEntry:
 def no_budget_error(name: str, kind: str = "static") -> ValueError:
     """The error for a budget given to model ``name`` of ``kind`` ``"static"`` or ``"baseline"``."""
     if kind == "baseline":
-        return ValueError(f"{name} is a dynamic-convolution baseline and takes no budget; "
-                          f"set its number of kernels instead (e.g. kernel_num=4)")
+        return ValueError(
+            f"{name} is a dynamic-convolution baseline and takes no budget; "
+            f"set its number of kernels instead (e.g. kernel_num=4)"
+        )
     return ValueError(f"{name} is a static model and takes no budget; use kw_{name}")
 
 
@@ -58,11 +65,16 @@ def register(entry: ModelEntry) -> ModelEntry:
 def register_zoo(paper: dict | None = None, reference_params: dict | None = None, kind: str = ""):
     """Decorator: register a model builder under its function name (``kw_*`` names are KernelWarehouse
     models); ``paper`` and ``reference_params`` as in :class:`ModelEntry`."""
+
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
-        register(ModelEntry(name, builder, name.startswith("kw_"), dict(paper or {}), dict(reference_params or {}),
-                            kind))
+        register(
+            ModelEntry(
+                name, builder, name.startswith("kw_"), dict(paper or {}), dict(reference_params or {}), kind
+            )
+        )
         return builder
+
     return decorate
 
 
@@ -108,5 +120,6 @@ def create_model(name: str, budget: Any = None, num_classes: int = 1000, **overr
     entry.check_budget(budget)
     if not entry.dynamic:
         return entry.builder(num_classes=num_classes, **overrides)
-    return entry.builder(budget=parse_budget(1 if budget is None else budget), num_classes=num_classes,
-                         **overrides)
+    return entry.builder(
+        budget=parse_budget(1 if budget is None else budget), num_classes=num_classes, **overrides
+    )

@@ -5,6 +5,7 @@ strided downsample conv dynamic; stem, classifier and stride-1 downsample stay s
 ResNet50 so does the very first 1x1 conv (``layer1.0.conv1``). Module names are timm's, which are
 also the reference implementation's.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -32,8 +33,16 @@ def shrink_feature_info(model: nn.Module, factor: int) -> None:
 def resnet_small_input(model: nn.Module) -> None:
     """A 3x3 stride-1 stem and no max-pool: the usual ResNet for 8x8 to 32x32 images."""
     stem = model.conv1
-    model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, 1, 1, bias=False,
-                            device=stem.weight.device, dtype=stem.weight.dtype)
+    model.conv1 = nn.Conv2d(
+        stem.in_channels,
+        stem.out_channels,
+        3,
+        1,
+        1,
+        bias=False,
+        device=stem.weight.device,
+        dtype=stem.weight.dtype,
+    )
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     shrink_feature_info(model, 4)
@@ -81,10 +90,16 @@ def resnet_plan_options(budget: Fraction, nonlocal_basis: bool = False) -> dict[
 
 # the reference implementation trains from torchvision's initialisation: no zero-initialised last norm
 TORCHVISION_INIT = {"zero_init_last": False}
-RESNET18 = Family("resnet18", resnet_warehouse_keys, resnet_plan_options, resnet_small_input,
-                  timm_kwargs=TORCHVISION_INIT)
-RESNET50 = Family("resnet50", resnet_warehouse_keys, lambda b: resnet_plan_options(b, nonlocal_basis=True),
-                  resnet_small_input, timm_kwargs=TORCHVISION_INIT)
+RESNET18 = Family(
+    "resnet18", resnet_warehouse_keys, resnet_plan_options, resnet_small_input, timm_kwargs=TORCHVISION_INIT
+)
+RESNET50 = Family(
+    "resnet50",
+    resnet_warehouse_keys,
+    lambda b: resnet_plan_options(b, nonlocal_basis=True),
+    resnet_small_input,
+    timm_kwargs=TORCHVISION_INIT,
+)
 
 default_cfgs = {"kw_resnet18": default_cfg(RESNET18), "kw_resnet50": default_cfg(RESNET50)}
 
@@ -101,18 +116,26 @@ def resnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return build("resnet50", RESNET50, pretrained, dynamic=False, **kwargs)
 
 
-@register_zoo(paper={F(1, 4): (4.08, 72.73), F(1, 2): (7.43, 73.33), F(1): (11.93, 74.77), F(2): (23.24, 75.19),
-                     F(4): (45.86, 76.05)},
-              reference_params={F(1, 4): 4031768, F(1, 2): 7431044, F(1): 11932148, F(2): 23242127,
-                                F(4): 45862085})
+@register_zoo(
+    paper={
+        F(1, 4): (4.08, 72.73),
+        F(1, 2): (7.43, 73.33),
+        F(1): (11.93, 74.77),
+        F(2): (23.24, 75.19),
+        F(4): (45.86, 76.05),
+    },
+    reference_params={F(1, 4): 4031768, F(1, 2): 7431044, F(1): 11932148, F(2): 23242127, F(4): 45862085},
+)
 @register_model
 def kw_resnet18(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """KW-ResNet18 at ``budget`` (default 1): timm's ResNet18 with KernelWarehouse convs."""
     return build("kw_resnet18", RESNET18, pretrained, **kwargs)
 
 
-@register_zoo(paper={F(1, 2): (17.64, 79.30), F(1): (28.05, 80.38), F(4): (102.02, 81.05)},
-              reference_params={F(1, 2): 17638264, F(1): 28052310, F(4): 102015144})
+@register_zoo(
+    paper={F(1, 2): (17.64, 79.30), F(1): (28.05, 80.38), F(4): (102.02, 81.05)},
+    reference_params={F(1, 2): 17638264, F(1): 28052310, F(4): 102015144},
+)
 @register_model
 def kw_resnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """KW-ResNet50 at ``budget`` (default 1): timm's ResNet50 with KernelWarehouse convs."""

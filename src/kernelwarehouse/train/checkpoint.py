@@ -6,6 +6,7 @@ done), ``step``, ``best``, ``history``, ``rng`` (every random state) and ``path_
 paths taken, reused on resume). It loads with
 ``torch.load(weights_only=True)``: only tensors and plain Python values are stored.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a kernelwarehouse training checkpoint (written by kw train)")
     if state.get("version") != VERSION:
-        raise ValueError(f"checkpoint {str(path)!r} has format version {state.get('version')}, "
-                         f"this kw reads version {VERSION}")
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format version {state.get('version')}, "
+            f"this kw reads version {VERSION}"
+        )
     missing = [k for k in ("config", "model", "epoch", "step", "data_info") if k not in state]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}")
@@ -75,19 +78,31 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any],
-                       keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
+def config_differences(
+    saved: Mapping[str, Any], wanted: Mapping[str, Any], keys: tuple[str, ...] = IDENTITY_KEYS
+) -> list[str]:
     """'key: saved -> wanted' for each identity key whose value differs."""
-    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
-            if not _same(k, saved.get(k), wanted.get(k))]
+    return [
+        f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}"
+        for k in keys
+        if not _same(k, saved.get(k), wanted.get(k))
+    ]
 
 
 def rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and Python random states, as tensors and plain values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -98,7 +113,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-

@@ -1,4 +1,5 @@
 """The configuration of a training run: everything that defines it, stored in every checkpoint."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -26,7 +27,7 @@ class TrainConfig:
     step_epochs: int = 30
     warmup_epochs: float = 0.0
     temp_epochs: float = 20.0
-    baseline_temp_epochs: float | None = None   # DY-Conv / ODConv temperature 30 -> 1; None: temp_epochs
+    baseline_temp_epochs: float | None = None  # DY-Conv / ODConv temperature 30 -> 1; None: temp_epochs
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -50,14 +51,23 @@ class TrainConfig:
     skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("weight_decay", self.weight_decay >= 0), ("temp_epochs", self.temp_epochs >= 0),
-                  ("baseline_temp_epochs", self.baseline_temp_epochs is None or self.baseline_temp_epochs >= 0),
-                  ("warmup_epochs", self.warmup_epochs >= 0), ("workers", self.workers >= 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_path", 0 <= self.drop_path < 1),
-                  ("mixup", self.mixup >= 0), ("cutmix", self.cutmix >= 0),
-                  ("random_erasing", 0 <= self.random_erasing <= 1),
-                  ("step_epochs", self.step_epochs >= 1), ("log_interval", self.log_interval >= 1)]
+        checks = [
+            ("epochs", self.epochs >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("lr", self.lr > 0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("temp_epochs", self.temp_epochs >= 0),
+            ("baseline_temp_epochs", self.baseline_temp_epochs is None or self.baseline_temp_epochs >= 0),
+            ("warmup_epochs", self.warmup_epochs >= 0),
+            ("workers", self.workers >= 0),
+            ("label_smoothing", 0 <= self.label_smoothing < 1),
+            ("drop_path", 0 <= self.drop_path < 1),
+            ("mixup", self.mixup >= 0),
+            ("cutmix", self.cutmix >= 0),
+            ("random_erasing", 0 <= self.random_erasing <= 1),
+            ("step_epochs", self.step_epochs >= 1),
+            ("log_interval", self.log_interval >= 1),
+        ]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} is out of range: {getattr(self, name)!r}")

@@ -4,6 +4,7 @@
 channels, image size, whether the small-image stem applies). Nothing is downloaded: ``digits`` is
 embedded in scikit-learn, anything else is a local path.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +50,14 @@ class DataInfo:
     val_size: int
 
 
-def load_data(source: str, image_size: int | None = None, limit_train: int | None = None,
-              limit_val: int | None = None, augment: Augmentation = Augmentation(),
-              skip_unreadable: bool = False) -> tuple[Dataset, Dataset, DataInfo]:
+def load_data(
+    source: str,
+    image_size: int | None = None,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
+    augment: Augmentation = Augmentation(),
+    skip_unreadable: bool = False,
+) -> tuple[Dataset, Dataset, DataInfo]:
     """(train set, validation set, info) for ``digits``, a CIFAR folder or an ImageFolder tree.
 
     ``limit_train`` / ``limit_val`` keep the first N samples of a fixed shuffle (for quick runs).
@@ -65,8 +71,10 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"data path {source!r} does not exist (expected 'digits', a CIFAR "
-                                    f"python-pickle folder or an ImageFolder tree with train/ and val/)")
+            raise FileNotFoundError(
+                f"data path {source!r} does not exist (expected 'digits', a CIFAR "
+                f"python-pickle folder or an ImageFolder tree with train/ and val/)"
+            )
         if not path.is_dir():
             raise ValueError(f"data path {source!r} is not a directory")
         cifar = _cifar_folder(path)
@@ -76,18 +84,23 @@ def load_data(source: str, image_size: int | None = None, limit_train: int | Non
         elif (path / "train").is_dir():
             train, val, info = _image_folder(path, image_size or 224, augment, skip_unreadable)
         else:
-            raise ValueError(f"data path {source!r} is neither a CIFAR-10/100 python folder (data_batch_1.. "
-                             f"or train/test pickles) nor an ImageFolder tree (train/ and val/ class folders)")
+            raise ValueError(
+                f"data path {source!r} is neither a CIFAR-10/100 python folder (data_batch_1.. "
+                f"or train/test pickles) nor an ImageFolder tree (train/ and val/ class folders)"
+            )
     train, val = _limit(train, limit_train, "train"), _limit(val, limit_val, "val")
-    info = DataInfo(info.name, info.num_classes, info.in_chans, info.image_size, info.small_input,
-                    len(train), len(val))
+    info = DataInfo(
+        info.name, info.num_classes, info.in_chans, info.image_size, info.small_input, len(train), len(val)
+    )
     return train, val, info
 
 
 def _no_augmentation(augment: Augmentation, name: str) -> None:
     if augment:
-        raise ValueError(f"--rand-augment and --random-erasing apply to ImageFolder data of full-size images, "
-                         f"not to {name}")
+        raise ValueError(
+            f"--rand-augment and --random-erasing apply to ImageFolder data of full-size images, "
+            f"not to {name}"
+        )
 
 
 def _limit(dataset: Dataset, limit: int | None, split: str) -> Dataset:
@@ -108,8 +121,9 @@ def _digits() -> tuple[Dataset, Dataset, DataInfo]:
 
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0
-    x_train, x_val, y_train, y_val = train_test_split(images, digits.target, test_size=0.2, random_state=0,
-                                                      stratify=digits.target)
+    x_train, x_val, y_train, y_val = train_test_split(
+        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
     mean, std = float(x_train.mean()), float(x_train.std())
 
     def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
@@ -144,20 +158,26 @@ def _read_pickle(file: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(batch[b"fine_labels"] if b"fine_labels" in batch else batch[b"labels"])
         images = data.reshape(-1, 3, 32, 32)
     except Exception as error:  # any unpickling or layout failure means the file is not CIFAR
-        raise ValueError(f"{str(file)!r} is not a CIFAR python batch ({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"{str(file)!r} is not a CIFAR python batch ({type(error).__name__}: {error})"
+        ) from None
     if len(images) != len(labels):
         raise ValueError(f"{str(file)!r} holds {len(images)} images but {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
-def _cifar(path: Path, train_files: list[Path], test_file: Path, name: str) -> tuple[Dataset, Dataset, DataInfo]:
+def _cifar(
+    path: Path, train_files: list[Path], test_file: Path, name: str
+) -> tuple[Dataset, Dataset, DataInfo]:
     parts = [_read_pickle(f) for f in train_files]
     x_train, y_train = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     x_val, y_val = _read_pickle(test_file)
     num_classes = 100 if name == "cifar100" else 10
     for labels, file in ((y_train, train_files[0]), (y_val, test_file)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{str(file)!r}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+            raise ValueError(
+                f"{str(file)!r}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+            )
     info = DataInfo(name, num_classes, 3, 32, True, len(y_train), len(y_val))
     return (CifarDataset(x_train, y_train, augment=True), CifarDataset(x_val, y_val, augment=False), info)
 
@@ -181,7 +201,7 @@ class CifarDataset(Dataset):
         if self.augment:
             padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
             top, left = torch.randint(0, 9, (2,)).tolist()
-            image = padded[:, top:top + 32, left:left + 32]
+            image = padded[:, top : top + 32, left : left + 32]
             if torch.rand(()) < 0.5:
                 image = image.flip(-1)
         return (image - self.mean) / self.std, self.labels[index]
@@ -200,11 +220,13 @@ def image_folder_class(skip_unreadable: bool):
         def __getitem__(self, index: int):
             try:
                 return super().__getitem__(index)
-            except (OSError, ValueError, SyntaxError) as error:   # PIL's errors for truncated / foreign files
+            except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for truncated / foreign files
                 if skip_unreadable:
                     return None
-                raise CorruptImageError(f"unreadable image {self.samples[index][0]}: {error} "
-                                        f"(--skip-unreadable skips such images and counts them)") from None
+                raise CorruptImageError(
+                    f"unreadable image {self.samples[index][0]}: {error} "
+                    f"(--skip-unreadable skips such images and counts them)"
+                ) from None
 
     return CheckedImageFolder
 
@@ -221,8 +243,9 @@ def collate_readable(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, labels, skipped
 
 
-def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentation(),
-                  skip_unreadable: bool = False) -> tuple[Dataset, Dataset, DataInfo]:
+def _image_folder(
+    path: Path, image_size: int, augment: Augmentation = Augmentation(), skip_unreadable: bool = False
+) -> tuple[Dataset, Dataset, DataInfo]:
     from torchvision import transforms
 
     if not (path / "val").is_dir():
@@ -232,19 +255,44 @@ def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentat
     if small and augment:
         _no_augmentation(augment, f"{image_size}x{image_size} images")
     if small:
-        train_tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                       transforms.RandomCrop(image_size, padding=image_size // 8),
-                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                     transforms.ToTensor(), normalize])
-    else:   # timm's ImageNet pipeline: random resized crop, flip, RandAugment, erasing; 0.875 centre crop
+        train_tf = transforms.Compose(
+            [
+                transforms.Resize(image_size),
+                transforms.CenterCrop(image_size),
+                transforms.RandomCrop(image_size, padding=image_size // 8),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        )
+        val_tf = transforms.Compose(
+            [
+                transforms.Resize(image_size),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        )
+    else:  # timm's ImageNet pipeline: random resized crop, flip, RandAugment, erasing; 0.875 centre crop
         from timm.data import create_transform
 
-        train_tf = create_transform(image_size, is_training=True, auto_augment=augment.rand_augment,
-                                    re_prob=augment.random_erasing, interpolation="bicubic",
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        val_tf = create_transform(image_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
-                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        train_tf = create_transform(
+            image_size,
+            is_training=True,
+            auto_augment=augment.rand_augment,
+            re_prob=augment.random_erasing,
+            interpolation="bicubic",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+        val_tf = create_transform(
+            image_size,
+            is_training=False,
+            interpolation="bicubic",
+            crop_pct=0.875,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
     folder = image_folder_class(skip_unreadable)
     try:
         train = folder(str(path / "train"), transform=train_tf)
@@ -252,8 +300,10 @@ def _image_folder(path: Path, image_size: int, augment: Augmentation = Augmentat
     except (FileNotFoundError, RuntimeError) as error:
         raise ValueError(f"ImageFolder tree {str(path)!r}: {error}".splitlines()[0]) from None
     if train.classes != val.classes:
-        raise ValueError(f"ImageFolder tree {str(path)!r}: train/ has {len(train.classes)} classes, val/ has "
-                         f"{len(val.classes)} (they must have the same class folders)")
+        raise ValueError(
+            f"ImageFolder tree {str(path)!r}: train/ has {len(train.classes)} classes, val/ has "
+            f"{len(val.classes)} (they must have the same class folders)"
+        )
     info = DataInfo("imagefolder", len(train.classes), 3, image_size, small, len(train), len(val))
     return train, val, info
 
@@ -266,20 +316,28 @@ class EpochBatches(Sampler[list[int]]):
     sample, which BatchNorm cannot train on. Evaluation keeps the order and shards without padding.
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world_size: int = 1, train: bool = True) -> None:
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if train:
             order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             per_rank = math.ceil(length / world_size)
-            order = torch.cat([order, order[:per_rank * world_size - length]])
+            order = torch.cat([order, order[: per_rank * world_size - length]])
             indices = order[rank::world_size].tolist()
             if len(indices) % batch_size == 1 and len(indices) > 1:
                 indices = indices[:-1]
         else:
             indices = list(range(rank, length, world_size))
-        self.batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

@@ -1,4 +1,5 @@
 """An exponential moving average of a model's weights (Polyak averaging), as used for ConvNeXt."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Where a training process runs: its place in a torchrun launch, its device, its random seeds."""
+
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -40,8 +42,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-
-
 
 
 def seed_worker(worker_id: int) -> None:

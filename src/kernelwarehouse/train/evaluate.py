@@ -1,4 +1,5 @@
 """Evaluation: loss, top-1 and top-5 accuracy."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy (%) over ``loader``; summed over every process
     when torch.distributed is initialised (each process evaluates its own shard). A loader whose
     batches also count unreadable images (``collate_readable``) adds their number as ``unreadable``."""
@@ -29,9 +32,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        totals[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                               torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+        totals[:4] += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(len(labels)), dtype=torch.float64, device=device),
+            ]
+        )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, count, unreadable = totals.tolist()

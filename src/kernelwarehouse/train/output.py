@@ -1,4 +1,5 @@
 """What a run writes: files replaced atomically, CSV tables, TensorBoard logs."""
+
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import publish
+
 
 def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -26,8 +28,6 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
-
-
 
 
 def tensorboard_writer(path: Path, step: int):

@@ -1,4 +1,5 @@
 """PNG plots of training runs (accuracy, loss, temperature) with matplotlib's file-only backend."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ def run_colors(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
 def plot_accuracy(ax, runs: dict[str, dict[str, Any]]) -> None:
     colors = run_colors(runs)
     for label, run in runs.items():
-        ax.plot(*_series(run["history"], "val_top1"), marker="o", markersize=3, label=label, color=colors[label])
+        ax.plot(
+            *_series(run["history"], "val_top1"), marker="o", markersize=3, label=label, color=colors[label]
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("accuracy")

@@ -1,4 +1,5 @@
 """Signs of life during training: tqdm bars on a terminal, plain periodic lines otherwise."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,11 @@ class ProgressLines:
         self.last, elapsed = now, now - self.start
         left = elapsed / done * (self.steps - done)
         tau_text = "" if tau is None else f"  tau {tau:.3f}"
-        self.log(f"epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps}  {self.images / elapsed:.1f} img/s  "
-                 f"loss {loss:.4f}  lr {lr:.4g}{tau_text}  epoch ends in {int(left) // 60}m{int(left) % 60:02d}s")
+        self.log(
+            f"epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps}  "
+            f"{self.images / elapsed:.1f} img/s  "
+            f"loss {loss:.4f}  lr {lr:.4g}{tau_text}  epoch ends in {int(left) // 60}m{int(left) % 60:02d}s"
+        )
 
 
 def progress_bar(iterable, enabled: bool, description: str, leave: bool = True):

@@ -7,6 +7,7 @@ weight decay 1e-4), MobileNetV2 150 epochs (SGD, lr 0.05, weight decay 4e-5, cos
 temperature tau anneals linearly from 1 to 0 over the first 20 epochs
 (15 for MobileNetV2). A command-line option given explicitly overrides the recipe's value.
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
@@ -16,9 +17,27 @@ from typing import Any, Mapping
 from .config import TrainConfig
 
 #: the options a recipe may set: how to train, not what (model, data) or where (device, output)
-RECIPE_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "step_epochs",
-                 "warmup_epochs", "temp_epochs", "label_smoothing", "mixup", "cutmix", "rand_augment",
-                 "random_erasing", "drop_path", "ema", "ema_decay", "image_size")
+RECIPE_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "step_epochs",
+    "warmup_epochs",
+    "temp_epochs",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
+    "rand_augment",
+    "random_erasing",
+    "drop_path",
+    "ema",
+    "ema_decay",
+    "image_size",
+)
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
@@ -33,8 +52,10 @@ class Recipe:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.overrides) - set(RECIPE_FIELDS))
         if unknown:
-            raise ValueError(f"recipe {self.name!r} sets {unknown}, which are not training options "
-                             f"({', '.join(RECIPE_FIELDS)})")
+            raise ValueError(
+                f"recipe {self.name!r} sets {unknown}, which are not training options "
+                f"({', '.join(RECIPE_FIELDS)})"
+            )
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
 
     def options(self) -> dict[str, Any]:
@@ -44,33 +65,81 @@ class Recipe:
 
 # what every ImageNet recipe of the paper shares: 100 epochs of SGD (lr 0.1, momentum 0.9, wd 1e-4, batch
 # 256) on 224x224 images, tau over the first 20 epochs; each recipe overrides part of it
-IMAGENET = dict(epochs=100, batch_size=256, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=1e-4,
-                temp_epochs=20, image_size=224)
+IMAGENET = dict(
+    epochs=100,
+    batch_size=256,
+    lr=0.1,
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=1e-4,
+    temp_epochs=20,
+    image_size=224,
+)
 # ConvNeXt (Liu et al., 2022, Table 5) and DeiT (Touvron et al., 2021, Table 9) train with the same set
-IMAGENET_REGULARISATION = dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25,
-                               label_smoothing=0.1, drop_path=0.1)
+IMAGENET_REGULARISATION = dict(
+    rand_augment="rand-m9-mstd0.5-inc1",
+    mixup=0.8,
+    cutmix=1.0,
+    random_erasing=0.25,
+    label_smoothing=0.1,
+    drop_path=0.1,
+)
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("resnet", "ResNet18/50 on ImageNet: 100 epochs, SGD lr 0.1 (x0.1 every 30 epochs), batch 256, "
-                     "wd 1e-4, tau over 20 epochs",
-           dict(IMAGENET, scheduler="step")),
-    Recipe("mobilenetv2", "MobileNetV2 on ImageNet: 150 epochs, SGD lr 0.05 cosine, batch 256, wd 4e-5, "
-                          "tau over 15 epochs",
-           dict(IMAGENET, epochs=150, lr=0.05, weight_decay=4e-5, temp_epochs=15)),
-    Recipe("convnext", "ConvNeXt-Tiny on ImageNet: 300 epochs, AdamW lr 4e-3 cosine, 20 warm-up epochs, "
-                       "batch 4096, wd 0.05, RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25, "
-                       "label smoothing 0.1, drop path 0.1, EMA 0.9999, tau over 20 epochs",
-           dict(IMAGENET, epochs=300, batch_size=4096, lr=4e-3, optimizer="adamw", weight_decay=0.05,
-                warmup_epochs=20, **IMAGENET_REGULARISATION, ema=True)),
-    Recipe("deit", "DeiT-Tiny/Small on ImageNet: 300 epochs, AdamW lr 1e-3 (5e-4 x batch/512) cosine, 5 warm-up "
-                   "epochs, batch 1024, wd 0.05, RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25, "
-                   "label smoothing 0.1, drop path 0.1, no EMA, tau over 20 epochs",
-           dict(IMAGENET, epochs=300, batch_size=1024, lr=1e-3, optimizer="adamw", weight_decay=0.05,
-                warmup_epochs=5, **IMAGENET_REGULARISATION)),
-    Recipe("digits", "the demo: 8x8 digits, 10 epochs, SGD lr 0.1 cosine, batch 64, wd 5e-4, tau over 2 epochs "
-                     "(the paper's 20 % of training)",
-           dict(epochs=10, batch_size=64, lr=0.1, weight_decay=5e-4, temp_epochs=2, image_size=8)),
-)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "resnet",
+            "ResNet18/50 on ImageNet: 100 epochs, SGD lr 0.1 (x0.1 every 30 epochs), batch 256, "
+            "wd 1e-4, tau over 20 epochs",
+            dict(IMAGENET, scheduler="step"),
+        ),
+        Recipe(
+            "mobilenetv2",
+            "MobileNetV2 on ImageNet: 150 epochs, SGD lr 0.05 cosine, batch 256, wd 4e-5, tau over 15 epochs",
+            dict(IMAGENET, epochs=150, lr=0.05, weight_decay=4e-5, temp_epochs=15),
+        ),
+        Recipe(
+            "convnext",
+            "ConvNeXt-Tiny on ImageNet: 300 epochs, AdamW lr 4e-3 cosine, 20 warm-up epochs, "
+            "batch 4096, wd 0.05, RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25, "
+            "label smoothing 0.1, drop path 0.1, EMA 0.9999, tau over 20 epochs",
+            dict(
+                IMAGENET,
+                epochs=300,
+                batch_size=4096,
+                lr=4e-3,
+                optimizer="adamw",
+                weight_decay=0.05,
+                warmup_epochs=20,
+                **IMAGENET_REGULARISATION,
+                ema=True,
+            ),
+        ),
+        Recipe(
+            "deit",
+            "DeiT-Tiny/Small on ImageNet: 300 epochs, AdamW lr 1e-3 (5e-4 x batch/512) cosine, 5 warm-up "
+            "epochs, batch 1024, wd 0.05, RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25, "
+            "label smoothing 0.1, drop path 0.1, no EMA, tau over 20 epochs",
+            dict(
+                IMAGENET,
+                epochs=300,
+                batch_size=1024,
+                lr=1e-3,
+                optimizer="adamw",
+                weight_decay=0.05,
+                warmup_epochs=5,
+                **IMAGENET_REGULARISATION,
+            ),
+        ),
+        Recipe(
+            "digits",
+            "the demo: 8x8 digits, 10 epochs, SGD lr 0.1 cosine, batch 64, wd 5e-4, tau over 2 epochs "
+            "(the paper's 20 % of training)",
+            dict(epochs=10, batch_size=64, lr=0.1, weight_decay=5e-4, temp_epochs=2, image_size=8),
+        ),
+    )
+}
 
 
 def get_recipe(name: str) -> Recipe:

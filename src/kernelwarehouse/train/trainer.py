@@ -8,6 +8,7 @@ Exact resume: the data order of an epoch depends on (seed, epoch) only, checkpoi
 epoch ends and hold the model, optimizer, LR schedule, temperature schedule, EMA, loss scaler, step
 counter and every random state of every process, so a resumed run continues bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,16 @@ from ..core.choice import load_path_choices, path_choices
 from ..baselines.temperature import baseline_temperature, set_baseline_temperature
 from ..core.temperature import TemperatureSchedule
 from ..models.registry import create_model, model_entry
-from .checkpoint import (FORMAT, VERSION, config_differences, load_checkpoint, publish, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    config_differences,
+    load_checkpoint,
+    publish,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .environment import DistEnv, resolve_device, seed_everything, seed_worker
 from .output import csv_text, tensorboard_writer, write_atomic
@@ -43,10 +52,11 @@ from .data import Augmentation, DataInfo, EpochBatches, collate_readable, load_d
 from .ema import ModelEma
 from .evaluate import count_parameters, evaluate
 
+
 def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     """The registered model for the dataset: its classes and channels, the small-image stem when the
     images are small. Static models take no budget; a dynamic model without one gets its default."""
-    model_entry(config.model).check_budget(config.budget)   # before any data-dependent option is added
+    model_entry(config.model).check_budget(config.budget)  # before any data-dependent option is added
     kwargs: dict[str, Any] = {"in_chans": info.in_chans}
     if info.small_input:
         kwargs["small_input"] = True
@@ -66,8 +76,12 @@ def batch_mixing(config: TrainConfig, num_classes: int):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
@@ -75,10 +89,14 @@ def check_batch_size(model: nn.Module, batch_size: int) -> None:
     if batch_size > 1:
         return
     if any(isinstance(m, KWAttention) and isinstance(m.norm, nn.BatchNorm1d) for m in model.modules()):
-        raise ValueError("--batch-size 1 cannot train KernelWarehouse attention with BatchNorm (it needs >= 2 "
-                         "samples per batch); use --batch-size 2 or more, or --model-kwargs norm=layer")
+        raise ValueError(
+            "--batch-size 1 cannot train KernelWarehouse attention with BatchNorm (it needs >= 2 "
+            "samples per batch); use --batch-size 2 or more, or --model-kwargs norm=layer"
+        )
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("--batch-size 1 cannot train a model with BatchNorm layers; use --batch-size 2 or more")
+        raise ValueError(
+            "--batch-size 1 cannot train a model with BatchNorm layers; use --batch-size 2 or more"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -90,8 +108,13 @@ class Trainer:
     resume) and trains with :meth:`fit`. Under torchrun it trains with DDP (gloo on CPU, NCCL on
     CUDA), every rank on its shard; only rank 0 writes files."""
 
-    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None,
-                 log: Callable[[str], None] | None = print, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: str | os.PathLike | None = None,
+        log: Callable[[str], None] | None = print,
+        progress: bool | None = None,
+    ) -> None:
         self.config = config
         self.env = DistEnv.from_environment()
         self.progress = self.env.is_main and (sys.stderr.isatty() if progress is None else progress)
@@ -102,16 +125,23 @@ class Trainer:
         if state is not None:
             differences = config_differences(state["config"], asdict(config))
             if differences:
-                raise ValueError(f"--resume {str(resume)!r}: the checkpoint's run differs in "
-                                 f"{'; '.join(differences)}")
+                raise ValueError(
+                    f"--resume {str(resume)!r}: the checkpoint's run differs in {'; '.join(differences)}"
+                )
         self.device = resolve_device(config.device, self.env.local_rank)
         self.amp = config.amp and self.device.type == "cuda"
         if config.amp and not self.amp:
             self.log("note: --amp applies on CUDA only; training in float32 on the CPU")
         seed_everything(config.seed, config.deterministic)
         augment = Augmentation(config.rand_augment, config.random_erasing)
-        self.train_set, self.val_set, self.info = load_data(config.data, config.image_size, config.limit_train,
-                                                            config.limit_val, augment, config.skip_unreadable)
+        self.train_set, self.val_set, self.info = load_data(
+            config.data,
+            config.image_size,
+            config.limit_train,
+            config.limit_val,
+            augment,
+            config.skip_unreadable,
+        )
         model = build_model(config, self.info)
         check_batch_size(model, config.batch_size)
         self.has_kw = bool(kw_layers(model))
@@ -121,12 +151,17 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = self._optimizer(model)
-        self.steps_per_epoch = len(EpochBatches(len(self.train_set), config.batch_size, config.seed, 0,
-                                                self.env.rank, self.env.world_size))
+        self.steps_per_epoch = len(
+            EpochBatches(
+                len(self.train_set), config.batch_size, config.seed, 0, self.env.rank, self.env.world_size
+            )
+        )
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.temperature = TemperatureSchedule(model, round(config.temp_epochs * self.steps_per_epoch))
-        baseline_epochs = config.temp_epochs if config.baseline_temp_epochs is None else config.baseline_temp_epochs
+        baseline_epochs = (
+            config.temp_epochs if config.baseline_temp_epochs is None else config.baseline_temp_epochs
+        )
         self.baseline_anneal_steps = round(baseline_epochs * self.steps_per_epoch)
         self.ema = ModelEma(model, config.ema_decay) if config.ema else None
         self.mixup = batch_mixing(config, self.info.num_classes)
@@ -153,7 +188,10 @@ class Trainer:
         cfg = self.config
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=cfg.lr)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -175,8 +213,15 @@ class Trainer:
         batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size, train)
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + env.rank)
         collate = {"collate_fn": collate_readable} if cfg.skip_unreadable else {}
-        return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, generator=generator,
-                          worker_init_fn=seed_worker, pin_memory=self.device.type == "cuda", **collate)
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=cfg.workers,
+            generator=generator,
+            worker_init_fn=seed_worker,
+            pin_memory=self.device.type == "cuda",
+            **collate,
+        )
 
     # -- state ------------------------------------------------------------------------------
     def _gather(self, value: Any) -> list[Any]:
@@ -188,13 +233,27 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The full checkpoint. Under DDP every rank must call it (random states are gathered)."""
-        return {"format": FORMAT, "version": VERSION, "config": asdict(self.config),
-                "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "temperature": self.temperature.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "step": self.step, "best": self.best, "history": self.history,
-                "steps": self.step_log, "rng": self._gather(rng_state()), "world_size": self.env.world_size,
-                "data_info": asdict(self.info), "params": self.num_parameters, "path_choices": path_choices()}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": asdict(self.config),
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "temperature": self.temperature.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "history": self.history,
+            "steps": self.step_log,
+            "rng": self._gather(rng_state()),
+            "world_size": self.env.world_size,
+            "data_info": asdict(self.info),
+            "params": self.num_parameters,
+            "path_choices": path_choices(),
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         _unwrap(self.model).load_state_dict(state["model"])
@@ -211,8 +270,10 @@ class Trainer:
         if len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank])
         else:
-            self.log(f"note: checkpoint of a {len(rngs)}-process run resumed on {self.env.world_size}; "
-                     f"random states are re-seeded")
+            self.log(
+                f"note: checkpoint of a {len(rngs)}-process run resumed on {self.env.world_size}; "
+                f"random states are re-seeded"
+            )
             seed_everything(self.config.seed + 1_000 * self.epoch + self.env.rank, self.config.deterministic)
 
     # -- training ---------------------------------------------------------------------------
@@ -220,12 +281,14 @@ class Trainer:
         cfg, model = self.config, self.model
         model.train()
         loader = self._loader(self.train_set, epoch, train=True)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, correct, samples, unreadable
+        totals = torch.zeros(
+            4, dtype=torch.float64, device=self.device
+        )  # loss sum, correct, samples, unreadable
         bar = progress_bar(loader, self.progress, f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         report = ProgressLines(self.log, epoch, cfg.epochs, len(loader)) if not self.progress else None
         for index, batch in enumerate(bar):
             images, labels = batch[0], batch[1]
-            if len(batch) > 2:   # --skip-unreadable: the batch without the images that could not be read
+            if len(batch) > 2:  # --skip-unreadable: the batch without the images that could not be read
                 totals[3] += batch[2]
                 if len(labels) == 0:
                     continue
@@ -238,14 +301,14 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = None
             if self.mixup is not None:
-                if len(labels) % 2:   # timm's mixing pairs each sample with the batch reversed
+                if len(labels) % 2:  # timm's mixing pairs each sample with the batch reversed
                     images, labels = images[:-1], labels[:-1]
                 images, targets = self.mixup(images, labels)
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = model(images)
                 if targets is None:
                     loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                else:   # soft targets: the mixed labels, smoothed
+                else:  # soft targets: the mixed labels, smoothed
                     loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at step {self.step} (lower --lr?)")
@@ -258,15 +321,22 @@ class Trainer:
                 self.ema.update(_unwrap(model))
             self.step += 1
             size = len(labels)
-            totals[:3] += torch.tensor([loss.item() * size, (logits.argmax(1) == labels).sum().item(), size],
-                                       dtype=torch.float64, device=self.device)
+            totals[:3] += torch.tensor(
+                [loss.item() * size, (logits.argmax(1) == labels).sum().item(), size],
+                dtype=torch.float64,
+                device=self.device,
+            )
             lr = self.optimizer.param_groups[0]["lr"]
             if report is not None:
                 report.step(index + 1, size, loss.item(), lr, tau if self.has_kw else None)
             if self.step % cfg.log_interval == 0:
-                entry = {"step": self.step, "epoch": epoch + self.step_in_epoch() / self.steps_per_epoch,
-                         "lr": self.optimizer.param_groups[0]["lr"], "tau": tau if self.has_kw else None,
-                         "loss": loss.item()}
+                entry = {
+                    "step": self.step,
+                    "epoch": epoch + self.step_in_epoch() / self.steps_per_epoch,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "tau": tau if self.has_kw else None,
+                    "loss": loss.item(),
+                }
                 self.step_log.append(entry)
                 if self.tensorboard is not None:
                     for key in ("lr", "tau", "loss"):
@@ -302,8 +372,13 @@ class Trainer:
         model = _unwrap(self.model)
         values = [t.detach().double().flatten() for t in (*model.parameters(), *model.buffers())]
         flat = torch.cat(values)
-        checksum = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), dtype=flat.dtype,
-                                                                                     device=flat.device)).sum()])
+        checksum = torch.stack(
+            [
+                flat.sum(),
+                (flat * flat).sum(),
+                (flat * torch.arange(len(flat), dtype=flat.dtype, device=flat.device)).sum(),
+            ]
+        )
         gathered = [torch.zeros_like(checksum) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, checksum)
         return all(torch.equal(gathered[0], g) for g in gathered[1:])
@@ -330,9 +405,15 @@ class Trainer:
             if self.ema is not None:
                 ema = evaluate(self.ema.module, val_loader, self.device, self.amp)
                 row.update({f"ema_{k}": v for k, v in ema.items()})
-            row.update({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                        "tau": self.temperature.tau if self.has_kw else None,
-                        "train_time": train_time, "epoch_time": time.perf_counter() - start})
+            row.update(
+                {
+                    "step": self.step,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "tau": self.temperature.tau if self.has_kw else None,
+                    "train_time": train_time,
+                    "epoch_time": time.perf_counter() - start,
+                }
+            )
             agree = self.ranks_agree()
             if not agree:
                 raise RuntimeError(f"DDP ranks hold different weights after epoch {epoch + 1}")
@@ -349,10 +430,16 @@ class Trainer:
                 self._write(state, improved)
             tau = "" if row["tau"] is None else f"  tau {row['tau']:.3f}"
             if cfg.skip_unreadable:
-                tau += f"  unreadable images skipped: {row['train_unreadable']} train, {row['val_unreadable']} val"
-            self.log(f"epoch {self.epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_top1']:.2f}%  "
-                     f"val {row['val_top1']:.2f}% (top-5 {row['val_top5']:.2f}%, loss {row['val_loss']:.4f})"
-                     f"{tau}  lr {row['lr']:.4g}  {row['epoch_time']:.1f}s")
+                tau += (
+                    f"  unreadable images skipped: {row['train_unreadable']} train, "
+                    f"{row['val_unreadable']} val"
+                )
+            self.log(
+                f"epoch {self.epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+                f"train {row['train_top1']:.2f}%  "
+                f"val {row['val_top1']:.2f}% (top-5 {row['val_top5']:.2f}%, loss {row['val_loss']:.4f})"
+                f"{tau}  lr {row['lr']:.4g}  {row['epoch_time']:.1f}s"
+            )
         if self.tensorboard is not None:
             self.tensorboard.close()
         return self.history
@@ -373,5 +460,3 @@ class Trainer:
             for key, value in row.items():
                 if isinstance(value, float) and key not in ("epoch",):
                     self.tensorboard.add_scalar(f"epoch/{key}", value, row["epoch"])
-
-
