@@ -82,7 +82,7 @@ def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
 
 
 def assemble_in_weight_order(
-    attention: torch.Tensor,
+    mixture: torch.Tensor,
     cells: torch.Tensor,
     grid: Sequence[int],
     weight_shape: Sequence[int],
@@ -97,24 +97,24 @@ def assemble_in_weight_order(
     product's last axis. The latter takes the cells as (c_out * c_in, n), :func:`cells_by_row`;
     ``cells_by_row`` passes it in (a graph builds it once per warehouse).
     """
-    batch, num = attention.shape[0], cells.shape[0]
+    batch, num = mixture.shape[0], cells.shape[0]
     spatial, out_blocks, in_blocks = grid
     c_out, cell_kernel = cells.shape[1], math.prod(cells.shape[3:])
     if spatial == 1 and in_blocks == 1:  # (B, out, n) @ (n, c_out * c_in * k): (B, out, c_out, c_in, k)
-        mixed = torch.matmul(attention, cells.reshape(num, -1))
+        mixed = torch.matmul(mixture, cells.reshape(num, -1))
     elif spatial == 1:  # (B, out, 1, in, n) @ (c_out, n, c_in * k): (B, out, c_out, in, c_in * k)
         by_output = cells.reshape(num, c_out, -1).transpose(0, 1)
-        mixed = torch.matmul(attention.reshape(batch, out_blocks, 1, in_blocks, num), by_output)
+        mixed = torch.matmul(mixture.reshape(batch, out_blocks, 1, in_blocks, num), by_output)
     elif cell_kernel == 1:  # (c_out [, 1], c_in, n) @ (B, out [, 1, in], n, spatial)
         by_row = cells_by_row if cells_by_row is not None else cells_by_rows(cells)
-        mixture = attention.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 2, 3, 4, 1)
+        by_position = mixture.reshape(batch, spatial, out_blocks, in_blocks, num).permute(0, 2, 3, 4, 1)
         if in_blocks == 1:  # (c_out * c_in, n) @ (B, out, n, spatial): (B, out, c_out * c_in, spatial)
-            mixed = torch.matmul(by_row, mixture.reshape(batch, out_blocks, num, spatial))
+            mixed = torch.matmul(by_row, by_position.reshape(batch, out_blocks, num, spatial))
         else:  # (B, out, c_out, in, c_in, spatial)
             rows = by_row.reshape(c_out, 1, -1, num)
-            mixed = torch.matmul(rows, mixture.reshape(batch, out_blocks, 1, in_blocks, num, spatial))
+            mixed = torch.matmul(rows, by_position.reshape(batch, out_blocks, 1, in_blocks, num, spatial))
     else:
-        return assemble_weights(attention, cells, grid, weight_shape)
+        return assemble_weights(mixture, cells, grid, weight_shape)
     return mixed.reshape(batch, *weight_shape)
 
 
