@@ -256,3 +256,15 @@ def test_anneal_as_a_create_model_option_and_errors():
         kw.anneal(small("kw_resnet18"), steps=-1)
     with pytest.raises(ValueError, match="no temperature to anneal"):
         kw.create_model("resnet18", anneal_steps=3)
+
+
+def test_a_narrow_resnet_has_a_stem_of_its_width():
+    narrow = kw.create_model(
+        "kw_resnet18", budget=1, small_input=True, channels=(8, 16, 32, 64), stem_width=8
+    )
+    assert narrow.conv1.out_channels == narrow.bn1.num_features == narrow.layer1[0].conv1.in_channels == 8
+    assert narrow.layer1[0].downsample is None  # 8 -> 8 at stride 1: an identity shortcut
+    assert narrow.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 1000)
+    bottleneck = kw.create_model("resnet50", channels=(8, 16, 32, 64), stem_width=8)
+    assert bottleneck.layer1[0].downsample[0].in_channels == 8 and bottleneck.feature_info[0]["num_chs"] == 8
+    assert bottleneck.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)

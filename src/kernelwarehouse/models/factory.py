@@ -65,6 +65,8 @@ class Family:
         feature_cfg: timm's feature-extraction options for ``features_only``.
         small_input_kwargs: arguments replacing ``small_input`` where timm has them (DeiT).
         small_input_reduction: the final feature stride of a small-input model.
+        extra_options: options timm's model lacks, each applied to the built model in place
+            (``stem_width`` of a ResNet's plain stem).
     """
 
     timm_name: str
@@ -76,6 +78,7 @@ class Family:
     feature_cfg: Mapping[str, Any] = field(default_factory=dict)
     small_input_kwargs: Mapping[str, Any] = field(default_factory=dict)
     small_input_reduction: int = 8
+    extra_options: Mapping[str, Callable[[nn.Module, Any], None]] = field(default_factory=dict)
 
 
 for _layer in set(
@@ -96,7 +99,10 @@ def static_model(family: Family, small_input: bool = False, **kwargs: Any) -> nn
     """timm's static model of ``family`` (no weights), adapted for small images if asked."""
     if small_input:
         kwargs = {**family.small_input_kwargs, **kwargs}
+    extras = {k: kwargs.pop(k) for k in list(kwargs) if k in family.extra_options}
     model = timm.create_model(family.timm_name, pretrained=False, **{**family.timm_kwargs, **kwargs})
+    for name, value in extras.items():
+        family.extra_options[name](model, value)
     if small_input and family.small_input is not None:
         family.small_input(model)
     return model

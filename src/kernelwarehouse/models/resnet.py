@@ -48,6 +48,40 @@ def resnet_small_input(model: nn.Module) -> None:
     shrink_feature_info(model, 4)
 
 
+def resnet_stem_width(model: nn.Module, width: int) -> None:
+    """A plain stem of ``width`` channels (timm's plain stem is 64 wide whatever ``stem_width`` says;
+    narrow ResNets such as the demo's need it), with the first block taking that width."""
+    if isinstance(model.conv1, nn.Sequential):  # a deep stem: timm's own stem_width applies
+        return
+    stem, block = model.conv1, model.layer1[0]
+    model.conv1 = _conv_like(stem, in_channels=stem.in_channels, out_channels=width)
+    model.bn1 = type(model.bn1)(width)
+    block.conv1 = _conv_like(block.conv1, in_channels=width, out_channels=block.conv1.out_channels)
+    last = block.conv3 if hasattr(block, "conv3") else block.conv2
+    if block.downsample is not None:
+        if width == last.out_channels:  # same width, stride 1: an identity shortcut, as torchvision's
+            block.downsample = None
+        else:
+            shortcut = block.downsample[0]
+            block.downsample[0] = _conv_like(shortcut, in_channels=width, out_channels=shortcut.out_channels)
+    model.feature_info[0]["num_chs"] = width
+
+
+def _conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+    new = nn.Conv2d(
+        in_channels,
+        out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        bias=False,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    return new
+
+
 def resnet_warehouse_keys(model: nn.Module, budget: Fraction | None = None) -> dict[str, str]:
     """Module path -> warehouse key (``stage{s}_layer{l}_conv{c}``), reference layout.
 
@@ -90,8 +124,14 @@ def resnet_plan_options(budget: Fraction, nonlocal_basis: bool = False) -> dict[
 
 # the reference implementation trains from torchvision's initialisation: no zero-initialised last norm
 TORCHVISION_INIT = {"zero_init_last": False}
+STEM_WIDTH = {"stem_width": resnet_stem_width}
 RESNET18 = Family(
-    "resnet18", resnet_warehouse_keys, resnet_plan_options, resnet_small_input, timm_kwargs=TORCHVISION_INIT
+    "resnet18",
+    resnet_warehouse_keys,
+    resnet_plan_options,
+    resnet_small_input,
+    timm_kwargs=TORCHVISION_INIT,
+    extra_options=STEM_WIDTH,
 )
 RESNET50 = Family(
     "resnet50",
@@ -99,6 +139,7 @@ RESNET50 = Family(
     lambda b: resnet_plan_options(b, nonlocal_basis=True),
     resnet_small_input,
     timm_kwargs=TORCHVISION_INIT,
+    extra_options=STEM_WIDTH,
 )
 
 default_cfgs = {"kw_resnet18": default_cfg(RESNET18), "kw_resnet50": default_cfg(RESNET50)}
