@@ -6,7 +6,7 @@ The upstream test file is copied into a temporary folder beside a conftest that 
 kernelwarehouse (which registers every ``kw_*`` model with timm) and, with ``--budgets``, registers
 each paper budget as a model of its own (``kw_resnet18_b1d4`` is ``kw_resnet18`` at budget 1/4),
 so that every test that timm parametrizes over model names runs on them. Only the ``kw_*``
-cases are selected, without the TorchScript ones unless ``--torchscript`` is given. timm routes its
+cases are selected, the TorchScript ones included (``torch.jit.script`` compiles the zoo). timm routes its
 ViTs to its test for non-standard models by name, so the DeiTs are also registered as
 ``deit_kw_tiny`` / ``deit_kw_small`` and take that test in place of the standard one. Nothing is
 downloaded: the tests build models without weights.
@@ -72,12 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("timm_repo", type=Path, help="a checkout of pytorch-image-models")
     parser.add_argument("--budgets", action="store_true", help="also every paper budget of every model")
-    parser.add_argument(
-        "--torchscript",
-        action="store_true",
-        help="also the TorchScript cases (KernelWarehouse layers are not scriptable: they choose "
-        "their execution path in Python; kw.trace and kw.export_onnx give graphs)",
-    )
     args, pytest_args = parser.parse_known_args(argv)
     source = args.timm_repo / "tests" / "test_models.py"
     if not source.is_file():
@@ -99,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             "-W",
             "ignore::pytest.PytestUnknownMarkWarning",
             "-k",
-            "kw_" if args.torchscript else "kw_ and not torchscript",
+            "kw_",
             str(Path(folder) / "test_models.py"),
             *pytest_args,
         ]

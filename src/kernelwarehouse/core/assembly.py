@@ -8,7 +8,7 @@ kernel when cells are not split spatially.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -23,15 +23,25 @@ def assemble_weights(
     batch, num, c_out, dims = mixture.shape[0], cells.shape[0], cells.shape[1], cells.dim() - 3
     kernel = range(6, 6 + dims)
     if torch.compiler.is_compiling():  # the compiler cannot batch the shared rows over a free batch
-        mixed = torch.matmul(mixture.reshape(-1, num), cells.reshape(num, -1))
-        mixed = mixed.reshape(batch, *grid, *cells.shape[1:])
-        # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
-        return mixed.permute(0, 2, 4, 3, 5, 1, *kernel).reshape(batch, *weight_shape)
+        return assemble_by_product(mixture, cells, list(grid), list(weight_shape))
     # one product per output channel of the cells, which is how the warehouse is stored
     mixed = mix_rows(mixture.reshape(-1, num), cells_by_output(cells))
     mixed = mixed.reshape(c_out, batch, *grid, *cells.shape[2:])
     # (c_out, B, spatial, out, in, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
     return mixed.permute(1, 3, 0, 4, 5, 2, *kernel).reshape(batch, *weight_shape)
+
+
+def assemble_by_product(
+    mixture: torch.Tensor, cells: torch.Tensor, grid: List[int], weight_shape: List[int]
+) -> torch.Tensor:
+    """:func:`assemble_weights` as one matrix product over all cells and a transposition into the
+    weight's order: the form for compiled graphs, TorchScript-compatible (the scripted layers run it)."""
+    batch, num = mixture.shape[0], cells.shape[0]
+    mixed = torch.matmul(mixture.reshape(-1, num), cells.reshape(num, -1))
+    mixed = mixed.reshape([batch] + grid + list(cells.shape[1:]))
+    kernel = [6 + d for d in range(cells.dim() - 3)]
+    # (B, spatial, out, in, c_out, c_in, *k) -> (B, out, c_out, in, c_in, spatial, *k)
+    return mixed.permute([0, 2, 4, 3, 5, 1] + kernel).reshape([batch] + weight_shape)
 
 
 def split_into_cells(weight: torch.Tensor, grid: CellGrid, cell_shape: Sequence[int]) -> torch.Tensor:

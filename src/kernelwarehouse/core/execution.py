@@ -61,10 +61,9 @@ from .paths import (
     fall_back,
     rule_choice,
     run_choice,
-    scale_and_shift,
     split_choice,
 )
-from .per_sample import ConvGeometry, add_bias, conv_per_sample, linear_per_sample
+from .per_sample import ConvGeometry, conv_per_sample, linear_per_sample, output_epilogue
 
 __all__ = [
     "PATHS",
@@ -185,8 +184,4 @@ def kw_conv_and_choice(
     if path_.folds_epilogue:  # graphs only: no backward form, no native kernels
         return path_.forward(x, mixture, cells, geo, "", False, scale=scale, bias=bias), choice
     out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
-    if scale is not None:
-        return scale_and_shift(out, scale, bias, geo.dims), choice
-    if geo.linear:
-        return (out if bias is None else out + bias.to(out.dtype)), choice
-    return add_bias(out, bias), choice
+    return output_epilogue(out, bias, scale, geo.dims), choice

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .attention import KWAttention
+from .assembly import assemble_by_product
 from .execution import ConvGeometry, assemble_weights, kw_conv, kw_conv_and_choice
-from .per_sample import building_graph
+from .per_sample import building_graph, grouped_conv, linear_per_sample, output_epilogue
 from .plan import LayerPlan, LayerSpec, plan_warehouses
 from .warehouse import Warehouse
 
@@ -96,7 +97,39 @@ class KWLayer(nn.Module):
     #: The execution path (and backward form) this layer's last eager call ran, e.g. ``"loop:slices"``.
     last_path: str | None = None
 
+    def _set_geometry(self, geo: ConvGeometry) -> None:
+        self._geometry = geo
+        # the same as lists, which TorchScript types, for the scripted convolution; a linear layer has
+        # the stride, padding and dilation of the 1-d convolution of kernel 1 it equals (no empty list,
+        # which TorchScript could not type)
+        self._script_grid, self._script_weight_shape = list(geo.grid), list(geo.weight_shape)
+        self._script_stride, self._script_padding = list(geo.stride or (1,)), list(geo.padding or (0,))
+        self._script_dilation = list(geo.dilation or (1,))
+        self._script_groups, self._script_dims = geo.groups, geo.dims
+
+    def _scripted_convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
+        """What the layer runs under ``torch.jit.script``: the reference scheme, all in TorchScript.
+        The B weights assembled by one product over the warehouse, applied by one grouped
+        convolution (``groups = groups * B``) or batched product, then the scale and the bias."""
+        weight = assemble_by_product(
+            mixture, self.warehouse.weight, self._script_grid, self._script_weight_shape
+        )
+        if self._script_dims == 0:
+            out = linear_per_sample(x, weight.flatten(2), None)
+        else:
+            out = grouped_conv(
+                x,
+                weight,
+                self._script_stride,
+                self._script_padding,
+                self._script_dilation,
+                self._script_groups,
+            )
+        return output_epilogue(out, self.bias, self.out_scale, self._script_dims)
+
     def _convolve(self, x: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_convolve(x, mixture)
         if building_graph():  # no module state changes inside a traced or compiled graph
             return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale)
         out, self.last_path = kw_conv_and_choice(
@@ -152,10 +185,10 @@ class _KWConvNd(KWLayer):
         pads = self._explicit_padding()
         symmetric = all(left == right for left, right in zip(pads[::2], pads[1::2]))
         # a symmetric zero padding goes to the convolution; any other is applied to the input first
-        self._pad = None if padding_mode == "zeros" and symmetric else pads
+        self._pad = None if padding_mode == "zeros" and symmetric else list(pads)
         conv_padding = tuple(reversed(pads[::2])) if self._pad is None else (0,) * self.dims
-        self._geometry = ConvGeometry(
-            self.grid, self.weight_shape, self.stride, conv_padding, self.dilation, groups
+        self._set_geometry(
+            ConvGeometry(self.grid, self.weight_shape, self.stride, conv_padding, self.dilation, groups)
         )
 
     def _explicit_padding(self) -> tuple[int, ...]:
@@ -177,6 +210,8 @@ class _KWConvNd(KWLayer):
         return tuple(v for pair in reversed(pads) for v in pair)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             expected = ", ".join(["B", str(self.in_channels)] + ["..."] * self.dims)
             raise ValueError(
@@ -193,6 +228,20 @@ class _KWConvNd(KWLayer):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
         return self._convolve(x, mixture)
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in TorchScript."""
+        dims = self._script_dims
+        if x.dim() != dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"KWConv{dims}d expects a batched {dims + 2}-d input with {self.in_channels} "
+                f"channels, got shape {x.shape}"
+            )
+        mixture = self.attention(x.mean(dim=[d for d in range(2, x.dim())]))
+        pad = self._pad
+        if pad is not None:
+            x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        return self._scripted_convolve(x, mixture)
 
     def extra_repr(self) -> str:
         return f"{conv_repr(self)}, bias={self.bias is not None}, {self._kw_repr()}"
@@ -237,9 +286,11 @@ class KWLinear(KWLayer):
         spec = LayerSpec(plan.name if plan else "linear", key, in_features, out_features, (1,))
         super().__init__(spec, bias, plan, warehouse, ratios)
         self.in_features, self.out_features = in_features, out_features
-        self._geometry = ConvGeometry(self.grid, self.weight_shape)
+        self._set_geometry(ConvGeometry(self.grid, self.weight_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"KWLinear expects {self.in_features} input features, got shape {tuple(x.shape)}"
@@ -252,6 +303,16 @@ class KWLinear(KWLayer):
         mixture = self.mixture(tokens.mean(dim=1))
         out = self._convolve(tokens, mixture)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in TorchScript."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"KWLinear expects {self.in_features} input features, got shape {x.shape}")
+        tokens = (
+            x.reshape(1, 1, self.in_features) if x.dim() == 1 else x.reshape(x.shape[0], -1, self.in_features)
+        )
+        out = self._scripted_convolve(tokens, self.attention(tokens.mean(dim=1)))
+        return out.reshape(x.shape[:-1] + [self.out_features])
 
     def extra_repr(self) -> str:
         return (

@@ -34,6 +34,7 @@ from .per_sample import (
     graph_shared,
     grouped_conv,
     linear_per_sample,
+    scale_and_shift,
 )
 from .recompute import LOOP_BACKWARDS, RecomputedWeights, apply_weights
 
@@ -208,16 +209,6 @@ def _conv_graph(x, mixture, cells, geo, backward, lean, scale=None, bias=None):
     else:
         out = add_bias(grouped_conv(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups), inner)
     return out if scale is None else scale_and_shift(out, scale, bias, geo.dims)
-
-
-def scale_and_shift(
-    out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dims: int
-) -> torch.Tensor:
-    """``out * scale + bias`` per output channel (on axis 1, or the last for ``dims == 0``), one pass."""
-    shape = (-1,) if not dims else (1, -1, *([1] * dims))
-    scale = scale.to(out.dtype).reshape(shape)
-    bias = torch.zeros_like(scale) if bias is None else bias.to(out.dtype).reshape(shape)
-    return torch.addcmul(bias, out, scale)
 
 
 REGISTRY: dict[str, ExecutionPath] = {}

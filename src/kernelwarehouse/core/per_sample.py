@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,27 +41,46 @@ class ConvGeometry(NamedTuple):
         return 0 if self.linear else len(self.weight_shape) - 2
 
 
+def conv_nd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv1d``, ``F.conv2d`` or ``F.conv3d``, as the weight (C_out, C_in / groups, *k) says;
+    TorchScript-compatible (eager callers may also pass ``"same"`` or ``"valid"`` as padding)."""
+    dims = weight.dim() - 2
+    if dims == 1:
+        return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    if dims == 2:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def grouped_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int] | str,
-    dilation: Sequence[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
     groups: int,
 ) -> torch.Tensor:
-    """Sample b of ``x`` with ``weight[b]`` as one convolution of ``groups * B`` groups."""
-    conv: Callable = CONV[weight.dim() - 3]
+    """Sample b of ``x`` with ``weight[b]`` as one convolution of ``groups * B`` groups.
+    TorchScript-compatible: the scripted layers run it (see ``KWLayer``)."""
     batch = x.shape[0]
-    out = conv(
-        x.reshape(1, -1, *x.shape[2:]),
-        weight.reshape(-1, *weight.shape[2:]),
+    out = conv_nd(
+        x.reshape([1, -1] + list(x.shape[2:])),
+        weight.reshape([-1] + list(weight.shape[2:])),
         None,
         stride,
         padding,
         dilation,
         groups * batch,
     )
-    return out.reshape(batch, -1, *out.shape[2:])
+    return out.reshape([batch, -1] + list(out.shape[2:]))
 
 
 def shifted_views(
@@ -110,8 +129,35 @@ def unfold_conv(
     return out.reshape(batch, c_out, *size)
 
 
-def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` plus a bias per output channel (axis 1)."""
+    if bias is None:
+        return out
+    return out + bias.to(out.dtype).reshape([1, -1] + [1] * (out.dim() - 2))
+
+
+def scale_and_shift(
+    out: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], dims: int
+) -> torch.Tensor:
+    """``out * scale + bias`` per output channel (on axis 1, or the last for ``dims == 0``), one pass."""
+    shape = [-1] if dims == 0 else [1, -1] + [1] * dims
+    scale = scale.to(out.dtype).reshape(shape)
+    shift = torch.zeros_like(scale) if bias is None else bias.to(out.dtype).reshape(shape)
+    return torch.addcmul(shift, out, scale)
+
+
+def output_epilogue(
+    out: torch.Tensor, bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], dims: int
+) -> torch.Tensor:
+    """A layer's per-channel scale (a folded BatchNorm) and bias applied to its output, on axis 1 of
+    a convolution's or the last axis of a linear layer's (``dims == 0``). TorchScript-compatible."""
+    if scale is not None:
+        return scale_and_shift(out, scale, bias, dims)
+    if bias is None:
+        return out
+    if dims == 0:
+        return out + bias.to(out.dtype)
+    return add_bias(out, bias)
 
 
 def exporting() -> bool:
@@ -191,8 +237,8 @@ def conv_per_sample(
     return add_bias(grouped_conv(x, weight, stride, padding, dilation, groups), bias)
 
 
-def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, C_in) with weight (B, C_out, C_in) -> (B, T, C_out)."""
+def linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (B, T, C_in) with weight (B, C_out, C_in) -> (B, T, C_out). TorchScript-compatible."""
     out = torch.matmul(x, weight.transpose(1, 2))
     return out if bias is None else out + bias.to(out.dtype)
 

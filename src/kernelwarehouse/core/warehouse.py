@@ -17,6 +17,8 @@ class Warehouse(nn.Module):
     pickling any part of a model keeps the sharing; ``model.parameters()`` lists it once.
     """
 
+    __jit_unused_properties__ = ["num_cells", "cell_shape"]  # eager-only: TorchScript skips them
+
     def __init__(self, plan: WarehousePlan, owned: Iterable[tuple[int, int]] = ()) -> None:
         super().__init__()
         self.plan = plan
