@@ -34,6 +34,9 @@ FAST_PATHS = (
     "patches",
     "patches:slices",
     "patches:mix",
+    "fused",
+    "fused:slices",
+    "fused:mix",
     "grouped@torch",
     "loop:sample@torch",
     "auto",
@@ -236,6 +239,7 @@ def test_execution_path_setting():
         "mix",
         "loop",
         "patches",
+        "fused",
         "triton",
     }
     with pytest.raises(ValueError, match="execution path must be 'auto', one of"):
@@ -243,7 +247,7 @@ def test_execution_path_setting():
     with pytest.raises(ValueError, match="loop:slices"):
         set_execution_path("loop:fast")
     with pytest.raises(ValueError):
-        set_execution_path("grouped:slices")  # only loop and patches have backward forms
+        set_execution_path("grouped:slices")  # only loop, patches and fused have backward forms
     with execution_path("loop:slices@torch"):  # PyTorch's products in place of the native kernels
         assert get_execution_path() == "loop:slices@torch"
     with pytest.raises(ValueError):
@@ -415,3 +419,72 @@ def test_conv_per_sample_matches_a_loop_and_traces_batch_free(batch):
         check_trace=False,
     )
     assert relative(traced(x, weight), loop) < 1e-5
+
+
+FUSED_CASES = [
+    case
+    for case, (cls, kwargs, _) in CASES.items()
+    if cls is not kw.KWLinear and kwargs.get("groups", 1) == 1
+] + ["wide_channels"]
+WIDE = (
+    kw.KWConv2d,
+    dict(in_channels=24, out_channels=80, kernel_size=3, stride=2, padding=1, cell_outplane_ratio=0.5),
+    (7, 24, 9, 8),
+)
+
+
+@pytest.mark.skipif(not kw.native.available(), reason="the fused path runs on the native kernels")
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_path_in_float32_equals_reference_in_float64(case):
+    """The fused path on the native kernels (float32 only), forward and every backward form, against the
+    reference path in float64; the output comes channels-last."""
+    torch.manual_seed(3)
+    cls, kwargs, shape = WIDE if case == "wide_channels" else CASES[case]
+    layer = cls(**kwargs).train()
+    kw.set_temperature(layer, 0.3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    reference = cls(**kwargs).double().train()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(shape)
+    want_out, want_grads = run(reference, x.double(), "reference")
+    for path in ("fused:slices", "fused:sample", "fused:mix"):
+        layer.load_state_dict(reference.state_dict())  # the attention's running statistics as before
+        out, grads = run(layer, x, path)
+        assert layer.last_path.startswith("fused")  # a form the layer lacks: the rule's
+        assert relative(out.double(), want_out) < 1e-5, path
+        for got, want in zip(grads, want_grads):
+            assert relative(got.double(), want) < 1e-4, path
+    layer.load_state_dict(reference.state_dict())
+    layer.eval(), reference.eval()
+    with torch.no_grad(), execution_path("fused"):
+        out = layer(x)
+    assert layer.last_path == "fused"
+    with torch.no_grad(), execution_path("reference"):
+        assert relative(out.double(), reference(x.double())) < 1e-5
+
+
+@pytest.mark.skipif(not kw.native.available(), reason="the fused path runs on the native kernels")
+def test_fused_path_follows_every_change_of_the_warehouse():
+    """The packed copy of the warehouse the fused kernel reads is rebuilt whenever the warehouse
+    changes: an optimizer step, a loaded state dict."""
+    torch.manual_seed(4)
+    layer = kw.KWConv2d(16, 32, 3, padding=1).eval()
+    x = torch.randn(3, 16, 8, 8)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad(), execution_path("fused"):
+            got = layer(x)
+        with torch.no_grad(), execution_path("reference"):
+            assert relative(got, layer(x)) < 1e-5
+        with execution_path("fused:sample"):
+            layer.train()(x).square().mean().backward()
+        optimizer.step()
+        layer.eval()
+    state = {k: torch.randn_like(v) if "warehouse" in k else v for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    with torch.no_grad(), execution_path("fused"):
+        got = layer(x)
+    with torch.no_grad(), execution_path("reference"):
+        assert relative(got, layer(x)) < 1e-5

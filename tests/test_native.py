@@ -438,3 +438,51 @@ def test_loop_path_float32_training_equals_pytorch_products(
     want = step(False)
     for g, w in zip(got, want):
         assert relative(g, w) < 1e-5
+
+
+def fused_want(cols: torch.Tensor, rows: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """What the fused kernel computes, in float64: each sample's weight assembled whole, then applied."""
+    batch, out_blocks, col_blocks, _ = rows.shape
+    weights = torch.einsum("bocj,kjd->bokcd", rows.double(), cells.double())  # (B, ob, c_out, q, d)
+    weights = weights.reshape(batch, out_blocks * cells.shape[0], -1)
+    return torch.einsum("blk,bok->blo", cols.double(), weights)
+
+
+@needs_kernels
+@each_variant
+@pytest.mark.parametrize(
+    "batch,positions,out_blocks,col_blocks,num,c_out,length",
+    [
+        (1, 1, 1, 1, 1, 1, 1),  # one of everything
+        (16, 49, 1, 9, 27, 512, 64),  # a ResNet's last stage, narrower
+        (7, 13, 2, 3, 5, 80, 17),  # a batch of 6 + 1, channels past one block of 64, odd lengths
+        (13, 6, 1, 2, 47, 136, 9),  # sample groups of 6, 6, 1 and three channel blocks, the last short
+        (2, 100, 3, 1, 2, 24, 150),  # channels below one vector of AVX-512, columns in several slices
+    ],
+)
+def test_fused_conv_matches_float64(
+    kernels, threads, batch, positions, out_blocks, col_blocks, num, c_out, length
+):
+    torch.manual_seed(batch + positions + c_out)
+    cols = torch.randn(batch, positions, col_blocks * length + 3)[:, :, 2:-1]  # rows strided
+    rows = torch.randn(batch, out_blocks, col_blocks, num)
+    cells = torch.randn(num, c_out, length).transpose(0, 1)  # (c_out, n, d), a warehouse's view
+    packed = kernels.pack_cells(cells, 64)
+    assert packed.shape == (-(-c_out // 64), length, num, 64)
+    want = fused_want(cols, rows, cells)
+    magnitude = fused_want(cols.abs(), rows.abs(), cells.abs())
+    for tile_floats in (1, 4096, 1 << 19):  # weight columns 8 at a time, a few dozen, all at once
+        got = kernels.fused_conv(cols, rows, packed, c_out, tile_floats)
+        assert got.shape == (batch, positions, out_blocks * c_out)
+        assert error_of_sums(got, want, magnitude) < 1e-6, tile_floats
+
+
+@needs_kernels
+def test_fused_conv_refuses_shapes_that_do_not_fit():
+    kernels = native.load(native.variant())
+    cells = torch.randn(8, 3, 5)
+    packed = kernels.pack_cells(cells, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.fused_conv(torch.randn(2, 4, 11), torch.randn(2, 1, 2, 3), packed, 8, 1 << 19)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.fused_conv(torch.randn(2, 4, 10), torch.randn(2, 1, 2, 3), packed, 80, 1 << 19)

@@ -32,6 +32,14 @@ LOOP_SLICE_ELEMENTS = 600_000
 #: library's per-sample weight gradient of a ResNet18 layer3 convolution).
 PRODUCT_MAX_POSITIONS = 256
 
+#: Output channels per block of the ``fused`` path's kernel (:mod:`kernelwarehouse.core.fused`): four
+#: AVX-512 vectors, eight AVX2 ones; the warehouse is packed in blocks of this many channels.
+FUSED_CHANNELS = 64
+
+#: Floats of warehouse cells and assembled weight tiles that one thread of the ``fused`` path keeps in
+#: cache at once (2 MiB: the L2 cache of one core of the Xeon-512).
+FUSED_TILE_FLOATS = 1 << 19
+
 #: Native kernel calls below this many multiply-adds, or along rows shorter than one vector, cost
 #: more than PyTorch's product (EPYC-512: 1.5-3x slower up to 1.5e5 multiply-adds, call and thread
 #: start-up; 1.3x faster at 6e5, 2-3x from 4e6 on).

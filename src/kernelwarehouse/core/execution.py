@@ -30,6 +30,12 @@ function along one of several *paths*, all equal up to float rounding. Each is o
     as products over the input patches), ``loop:sample`` (per-sample weight gradients),
     ``loop:mix`` (the mix form, no weight built). On CPU the products with a small inner dimension
     run on the native kernels of :mod:`kernelwarehouse.native`.
+``fused``  (:mod:`.fused`; CPU, float32, native kernels, groups 1)
+    per block of output channels, a slice of the warehouse (a packed copy, rebuilt when the warehouse
+    changes) stays in cache while every sample's weight tiles are mixed from it, and each tile meets
+    the sample's input patches at once (:func:`kernelwarehouse.native.fused_conv`): no weight is
+    written to memory and the warehouse is read once per call. The output is channels-last. Its
+    training form recomputes in backward and takes the ``loop`` path's backward forms.
 ``triton``  (:mod:`.triton_conv`, imported when it first runs; CUDA devices with Triton)
     fused GPU kernels: an implicit-GEMM convolution per sample that assembles each weight tile in
     registers right before using it, so no per-sample weight reaches memory; its backward assembles

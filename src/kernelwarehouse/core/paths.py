@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import native, tuning
 from .assembly import assemble_in_weight_order, assemble_weights, cells_by_rows
+from .fused import fused_conv, fused_supported
 from .loop import loop_conv
 from .mix import mix_conv, mix_is_cheap, mix_supported
 from .per_sample import (
@@ -162,6 +163,12 @@ def _one_by_one(path: str) -> Forward:
     return forward
 
 
+def _fused(x, mixture, cells, geo, backward, lean):
+    if lean:
+        return RecomputedWeights.apply(x, mixture, cells, geo, "fused", backward)
+    return fused_conv(x, mixture, cells, geo)
+
+
 def _triton(x, mixture, cells, geo, backward, lean):
     from .triton_conv import triton_conv  # imports Triton: only once the path runs
 
@@ -289,6 +296,16 @@ register(
 )
 register(
     ExecutionPath(
+        "fused",
+        "each weight assembled a tile at a time in cache by the native kernels and applied at once to "
+        "the sample's patches; the warehouse read once per call (CPU, float32, eager mode, groups 1)",
+        lambda call: fused_supported(call.geo, call.cells_shape, call.dtype, call.device) and not call.graph,
+        _fused,
+        LOOP_BACKWARDS,
+    )
+)
+register(
+    ExecutionPath(
         "triton",
         "fused GPU kernels: each weight tile assembled on chip and used at once by an implicit-GEMM "
         "convolution, in backward too (CUDA with Triton; 2-d, 1-d and linear, not depthwise)",
@@ -354,7 +371,7 @@ def candidates(call: LayerCall) -> list[str]:
             found.append(path.name)
     if call.device.startswith("cpu") and not call.device.endswith(":pytorch"):
         # the native kernels against PyTorch's products, which may be the faster (MKL on Intel CPUs)
-        found += [f"{choice}{TORCH_PRODUCTS}" for choice in found if not choice.startswith("mix")]
+        found += [f"{choice}{TORCH_PRODUCTS}" for choice in found if not choice.startswith(("mix", "fused"))]
     return found
 
 
@@ -367,6 +384,8 @@ def _workspace(name: str, call: LayerCall) -> int:
     if name == "mix":
         return batch * geo.grid.out_blocks * call.cells_shape[2] * call.cells_shape[0] * positions
     if name == "unfold" and math.prod(geo.weight_shape[2:]) > 1:
+        return batch * patch * positions
+    if name == "fused":
         return batch * patch * positions
     if name == "patches":
         whole = (

@@ -12,6 +12,7 @@ import torch
 
 from .. import native
 from .assembly import assemble_weights, split_into_cells
+from .fused import fused_conv
 from .loop import loop_backward, loop_conv
 from .mix import mix_backward
 from .per_sample import (
@@ -23,6 +24,9 @@ from .per_sample import (
     unfold_conv,
     weight_backward,
 )
+
+#: The paths whose training form takes one of :data:`LOOP_BACKWARDS`.
+ONE_BY_ONE = ("loop", "patches", "fused")
 
 #: How the backward of the ``loop`` path may run: by slices of output channels over the input
 #: patches, sample by sample, or in the ``mix`` form (no weight built at all).
@@ -48,7 +52,7 @@ class RecomputedWeights(torch.autograd.Function):
     chunks (one sample at a time on the ``loop`` and ``patches`` paths) so that few assembled weights
     exist at any time. With dW the gradient of a chunk's per-sample weights, split into cells
     (b, m, cell): d(mixture) = dW cells^T and d(cells) = sum_b mixture_b^T dW_b. The backward of the
-    ``loop`` and ``patches`` paths takes one of :data:`LOOP_BACKWARDS`.
+    paths in :data:`ONE_BY_ONE` takes one of :data:`LOOP_BACKWARDS`.
     """
 
     @staticmethod
@@ -64,7 +68,9 @@ class RecomputedWeights(torch.autograd.Function):
         ctx.save_for_backward(x, mixture, cells)
         ctx.geo, ctx.path, ctx.loop_backward_form = geo, path, loop_backward_form
         ctx.native = native.is_enabled()  # backward uses the products forward used
-        if path in ("loop", "patches"):
+        if path == "fused":
+            out = fused_conv(x, mixture, cells, geo)
+        elif path in ("loop", "patches"):
             out = loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
         else:
             outs = [
@@ -102,7 +108,7 @@ def _backward(
 ) -> torch.Tensor:
     """The backward form ``ctx`` asks for; fills grad_x and grad_mixture, returns the cells' gradient."""
     geo: ConvGeometry = ctx.geo
-    if ctx.path not in ("loop", "patches"):
+    if ctx.path not in ONE_BY_ONE:
         return _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
     if ctx.loop_backward_form == "mix":
         return mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)

@@ -51,7 +51,7 @@ from .. import tuning
 from ..cache import cache_dir
 
 __all__ = ["VARIANTS", "Kernels", "applies", "available", "cpu_features", "cpu_model", "enabled", "is_enabled",
-           "load", "mix_rows", "rows_gradient",
+           "load", "mix_rows", "rows_gradient", "fused_conv", "pack_cells",
            "supported_variants", "variant", "worthwhile"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -168,6 +168,22 @@ def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
     return _loaded().rows_gradient(grad, by_output)
 
 
+def pack_cells(by_output: torch.Tensor, channels: int) -> torch.Tensor:
+    """(c_out, n, d) cells, stored by output channel, in the order :func:`fused_conv` reads them: (c_out /
+    channels rounded up, d, n, channels), zeros past c_out. Callers check :func:`applies` first."""
+    return _loaded().pack_cells(by_output, channels)
+
+
+def fused_conv(cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int,
+               tile_floats: int) -> torch.Tensor:
+    """``out[b] = cols[b] @ W_b^T``, each sample's weight assembled a tile at a time in cache and used at once:
+    ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]``. ``cols``: (B, L, Q * d)
+    patches, rows contiguous; ``rows``: (B, out blocks, Q, n) mixture weights; ``packed``: the cells from
+    :func:`pack_cells`. Returns (B, L, out blocks * c_out). ``tile_floats`` bounds the floats of cells and
+    assembled weights one thread keeps in cache. Callers check :func:`applies` first."""
+    return _loaded().fused_conv(cols, rows, packed, c_out, tile_floats)
+
+
 class Kernels:
     """The kernels of one variant's library (:func:`load`): ``mix_rows`` and ``rows_gradient`` as the
     module's functions, float32 CPU tensors only."""
@@ -182,6 +198,11 @@ class Kernels:
         library.kw_rows_gradient.argtypes = [pointer, size, size, size, pointer, ctypes.c_int, size, size, size,
                                              size, pointer, ctypes.c_int]
         library.kw_rows_gradient.restype = None
+        library.kw_fused_conv.argtypes = [pointer, size, size, size, size, pointer, size, size, ctypes.c_int, pointer,
+                                          size, size, pointer, size, size, ctypes.c_int]
+        library.kw_fused_conv.restype = None
+        library.kw_pack_cells.argtypes = [pointer, size, ctypes.c_int, size, size, size, pointer, size, ctypes.c_int]
+        library.kw_pack_cells.restype = None
         self._library = library
 
     def __repr__(self) -> str:
@@ -219,6 +240,37 @@ class Kernels:
             self._library.kw_rows_gradient(grad.data_ptr(), grad.shape[1], grad.stride(0), grad.stride(1),
                                            by_output.data_ptr(), num, by_output.stride(0), by_output.stride(1),
                                            channels, length, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+    def pack_cells(self, by_output: torch.Tensor, channels: int) -> torch.Tensor:
+        """:func:`pack_cells` of this variant."""
+        c_out, num, length = by_output.shape
+        if by_output.stride(2) != 1:
+            by_output = by_output.contiguous()
+        blocks = -(-c_out // channels)
+        packed = torch.empty(blocks, length, num, channels, dtype=by_output.dtype)
+        if packed.numel():
+            self._library.kw_pack_cells(by_output.data_ptr(), c_out, num, length, by_output.stride(0),
+                                        by_output.stride(1), packed.data_ptr(), channels, torch.get_num_threads())
+        return packed
+
+    def fused_conv(self, cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int,
+                   tile_floats: int) -> torch.Tensor:
+        """:func:`fused_conv` of this variant."""
+        batch, positions, width = cols.shape
+        _, out_blocks, col_blocks, num = rows.shape
+        blocks, length, packed_num, channels = packed.shape
+        if (cols.stride(2) != 1 or rows.shape[0] != batch or packed_num != num or col_blocks * length != width
+                or blocks != -(-c_out // channels)):
+            raise ValueError(f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and packed cells "
+                             f"{tuple(packed.shape)} for {c_out} output channels do not fit")
+        rows = rows.contiguous()
+        out = torch.empty(batch, positions, out_blocks * c_out, dtype=cols.dtype)
+        if out.numel():
+            self._library.kw_fused_conv(cols.data_ptr(), batch, positions, cols.stride(0), cols.stride(1),
+                                        rows.data_ptr(), out_blocks, col_blocks, num, packed.data_ptr(), length, c_out,
+                                        out.data_ptr(), channels, tile_floats, torch.get_num_threads())
         return out
 
 

@@ -8,6 +8,8 @@
  * registers while the n cells stream through.
  * kw_rows_gradient: its gradient with respect to the rows, dot products along the length summed in
  * vectors over a few channels at a time, in an order fixed by the thread count.
+ * kw_fused_conv: a convolution as a product with input patches whose per-sample weights are assembled a tile
+ * at a time in cache by the same register blocks and used at once; kw_pack_cells lays the warehouse out for it.
  *
  * Variants. The vector width and the register blocks are macros, so that this one source builds for
  * each instruction set. kernelwarehouse.native picks the variant from the CPU's flags in /proc/cpuinfo,
@@ -28,6 +30,9 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef KW_LANES
 #define KW_LANES 4            /* floats per vector */
@@ -70,8 +75,8 @@ INLINE vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* rows_in_block x (width vectors) of the output; both constant after inlining */
-INLINE void block(const int rows_in_block, const int width, const float *rows, int n, const float *cells,
-                  long cell_stride, float *out, long out_stride, int accumulate) {
+INLINE void block(const int rows_in_block, const int width, const float *rows, long row_stride, int n,
+                  const float *cells, long cell_stride, float *out, long out_stride, int accumulate) {
     vec acc[MAX_ROWS][WIDE];
     for (int r = 0; r < rows_in_block; r++)
         for (int k = 0; k < width; k++)
@@ -80,7 +85,7 @@ INLINE void block(const int rows_in_block, const int width, const float *rows, i
         vec cell[WIDE];
         for (int k = 0; k < width; k++) cell[k] = load(cells + j * cell_stride + k * LANES);
         for (int r = 0; r < rows_in_block; r++) {
-            const float a = rows[r * n + j];
+            const float a = rows[r * row_stride + j];
             for (int k = 0; k < width; k++) acc[r][k] += a * cell[k];
         }
     }
@@ -88,26 +93,28 @@ INLINE void block(const int rows_in_block, const int width, const float *rows, i
         for (int k = 0; k < width; k++) store(out + r * out_stride + k * LANES, acc[r][k]);
 }
 
-INLINE void any_rows(const int width, int rows_in_block, const float *rows, int n, const float *cells,
-                     long cell_stride, float *out, long out_stride, int accumulate) {
-    DISPATCH(rows_in_block, MAX_ROWS, block, width, rows, n, cells, cell_stride, out, out_stride, accumulate)
+INLINE void any_rows(const int width, int rows_in_block, const float *rows, long row_stride, int n,
+                     const float *cells, long cell_stride, float *out, long out_stride, int accumulate) {
+    DISPATCH(rows_in_block, MAX_ROWS, block, width, rows, row_stride, n, cells, cell_stride, out, out_stride,
+             accumulate)
 }
 
-static void row_block(int rows_in_block, const float *rows, int n, const float *cells, long cell_stride, long length,
-                      float *out, long out_stride, int accumulate) {
+/* out[r, :length] (+)= sum_j rows[r * row_stride + j] * cells[j * cell_stride + :length], r < rows_in_block */
+static void row_block(int rows_in_block, const float *rows, long row_stride, int n, const float *cells,
+                      long cell_stride, long length, float *out, long out_stride, int accumulate) {
     long d = 0;
     for (; d + WIDE * LANES <= length; d += WIDE * LANES)
-        any_rows(WIDE, rows_in_block, rows, n, cells + d, cell_stride, out + d, out_stride, accumulate);
+        any_rows(WIDE, rows_in_block, rows, row_stride, n, cells + d, cell_stride, out + d, out_stride, accumulate);
     const int vectors = (int)((length - d) / LANES);   /* fewer than WIDE: one narrower block */
     if (vectors > 0) {
-        DISPATCH(vectors, WIDE - 1, any_rows, rows_in_block, rows, n, cells + d, cell_stride, out + d, out_stride,
-                 accumulate)
+        DISPATCH(vectors, WIDE - 1, any_rows, rows_in_block, rows, row_stride, n, cells + d, cell_stride, out + d,
+                 out_stride, accumulate)
         d += (long)vectors * LANES;
     }
     for (; d < length; d++)
         for (int r = 0; r < rows_in_block; r++) {
             float sum = accumulate ? out[r * out_stride + d] : 0.0f;
-            for (int j = 0; j < n; j++) sum += rows[r * n + j] * cells[j * cell_stride + d];
+            for (int j = 0; j < n; j++) sum += rows[r * row_stride + j] * cells[j * cell_stride + d];
             out[r * out_stride + d] = sum;
         }
 }
@@ -131,9 +138,109 @@ void kw_mix_rows(const float *rows, long num_rows, int n, const float *cells, lo
         long r = 0;
         for (long b = 0; b < blocks; b++) {   /* blocks of near-equal size: 9 rows are 4 + 5, not 6 + 3 */
             const int rows_in_block = (int)((num_rows - r) / (blocks - b));
-            row_block(rows_in_block, rows + r * n, n, cells + c * channel_stride + start, cell_stride, size,
+            row_block(rows_in_block, rows + r * n, n, n, cells + c * channel_stride + start, cell_stride, size,
                       out + c * out_channel_stride + r * out_row_stride + start, out_row_stride, accumulate);
             r += rows_in_block;
+        }
+    }
+}
+
+/* kw_fused_conv: a product of input patches with per-sample weights that are assembled a tile at a time in
+ * cache and used at once, so that no whole weight is written to memory. For sample b, position l and output
+ * channel o = ob * c_out + c (out_blocks blocks of c_out channels):
+ *     out[b, l, o] = sum_{q, e} cols[b, l, q * d + e] * W_b[o, q * d + e]
+ *     W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]
+ * cols: (batch, positions, col_blocks * d), strides (cols_sample_stride, cols_row_stride, 1), the patches of
+ * a convolution; rows: (batch, out_blocks, col_blocks, n) contiguous, the mixture weights; cells_packed:
+ * the (c_out, n, d) cells as kw_pack_cells lays them out for blocks of `channels` output channels; out:
+ * (batch, positions, out_blocks * c_out) contiguous, overwritten.
+ *
+ * A task is one block of `channels` output channels (and, with fewer blocks than threads, a share of the
+ * batch). For each slice of `kc` weight columns (e) it assembles the weights of up to MAX_ROWS samples at once,
+ * kc x channels each for every column block q, from the slice of the packed cells, which stays in the cache
+ * for all samples (and one row of it in L1 across the column blocks); each assembled tile is then applied to
+ * the sample's patches (rows of positions times vectors of channels, the register blocks of kw_mix_rows).
+ * tile_floats bounds what one thread keeps in cache, (n + col_blocks * MAX_ROWS) * kc * channels floats. */
+void kw_fused_conv(const float *cols, long batch, long positions, long cols_sample_stride, long cols_row_stride,
+                   const float *rows, long out_blocks, long col_blocks, int n, const float *cells_packed, long d,
+                   long c_out, float *out, long channels, long tile_floats, int threads) {
+    long kc = tile_floats / (((long)n + col_blocks * MAX_ROWS) * channels);
+    if (kc < 8) kc = 8;
+    if (kc > d) kc = d;
+    const long channel_blocks = (c_out + channels - 1) / channels;
+    const long c_tasks = out_blocks * channel_blocks, sample_groups = (batch + MAX_ROWS - 1) / MAX_ROWS;
+    long parts = 1;
+    if (c_tasks < 2L * threads) {
+        parts = (2L * threads + c_tasks - 1) / c_tasks;
+        if (parts > sample_groups) parts = sample_groups;
+    }
+    const long width = out_blocks * c_out, row_stride = out_blocks * col_blocks * n;
+    const long buffer = col_blocks * MAX_ROWS * kc * channels;
+    float *buffers = malloc(sizeof(float) * (size_t)(buffer * threads));
+    if (buffers == NULL) threads = 1, buffers = malloc(sizeof(float) * (size_t)buffer);
+    if (buffers == NULL) return;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (long task = 0; task < c_tasks * parts; task++) {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        float *tiles = buffers + buffer * thread;
+        const long ob = task / parts / channel_blocks, c0 = task / parts % channel_blocks * channels;
+        const long part = task % parts;
+        const long first_group = sample_groups * part / parts, last_group = sample_groups * (part + 1) / parts;
+        const long size = c_out - c0 < channels ? c_out - c0 : channels;
+        const float *block_cells = cells_packed + c0 * d * n;
+        for (long e0 = 0; e0 < d; e0 += kc) {
+            const long span = d - e0 < kc ? d - e0 : kc, tile = span * size;
+            for (long g = first_group; g < last_group; g++) {
+                const long b0 = g * MAX_ROWS;
+                const int samples = (int)(batch - b0 < MAX_ROWS ? batch - b0 : MAX_ROWS);
+                const float *coefficients = rows + (b0 * out_blocks + ob) * col_blocks * n;
+                /* the tiles of every column block q and sample s, (q, s, span, size); one row of cells in L1 */
+                for (long e = 0; e < span; e++)
+                    for (long q = 0; q < col_blocks; q++)
+                        row_block(samples, coefficients + q * n, row_stride, n, block_cells + (e0 + e) * n * channels,
+                                  channels, size, tiles + q * samples * tile + e * size, tile, 0);
+                for (long q = 0; q < col_blocks; q++)
+                    for (int s = 0; s < samples; s++) {
+                        const float *patches = cols + (b0 + s) * cols_sample_stride + q * d + e0;
+                        float *target = out + ((b0 + s) * positions) * width + ob * c_out + c0;
+                        const float *weights = tiles + (q * samples + s) * tile;
+                        const long row_groups = (positions + MAX_ROWS - 1) / MAX_ROWS;
+                        long l = 0;
+                        for (long h = 0; h < row_groups; h++) {   /* near-equal blocks of positions */
+                            const int count = (int)((positions - l) / (row_groups - h));
+                            row_block(count, patches + l * cols_row_stride, cols_row_stride, (int)span, weights,
+                                      size, size, target + l * width, width, e0 > 0 || q > 0);
+                            l += count;
+                        }
+                    }
+            }
+        }
+    }
+    free(buffers);
+}
+
+/* kw_pack_cells: the warehouse in the order kw_fused_conv reads it. cells: (c_out, n, d), strides (channel_stride,
+ * cell_stride, 1), the cells of each output channel; packed: (c_out / channels rounded up, d, n, channels)
+ * contiguous, packed[c / channels, e, j, c % channels] = cells[c, j, e], zeros past c_out. */
+void kw_pack_cells(const float *cells, long c_out, int n, long d, long channel_stride, long cell_stride,
+                   float *packed, long channels, int threads) {
+    const long blocks = (c_out + channels - 1) / channels;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long task = 0; task < blocks * n; task++) {
+        const long block = task / n, j = task % n, c0 = block * channels;
+        const long size = c_out - c0 < channels ? c_out - c0 : channels;
+        float *target = packed + (block * d * n + j) * channels;
+        for (long e0 = 0; e0 < d; e0 += 16) {   /* 16 columns of `channels` rows at a time */
+            const long span = d - e0 < 16 ? d - e0 : 16;
+            for (long c = 0; c < size; c++) {
+                const float *source = cells + (c0 + c) * channel_stride + j * cell_stride + e0;
+                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = source[e];
+            }
+            for (long c = size; c < channels; c++)
+                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = 0.0f;
         }
     }
 }
