@@ -35,6 +35,7 @@ FAST_PATHS = (
     "patches:slices",
     "patches:mix",
     "fused",
+    "fused:tiles",
     "fused:slices",
     "fused:mix",
     "grouped@torch",
@@ -449,7 +450,7 @@ def test_fused_path_in_float32_equals_reference_in_float64(case):
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(shape)
     want_out, want_grads = run(reference, x.double(), "reference")
-    for path in ("fused:slices", "fused:sample", "fused:mix"):
+    for path in ("fused", "fused:tiles", "fused:slices", "fused:sample", "fused:mix"):
         layer.load_state_dict(reference.state_dict())  # the attention's running statistics as before
         out, grads = run(layer, x, path)
         assert layer.last_path.startswith("fused")  # a form the layer lacks: the rule's
@@ -478,7 +479,7 @@ def test_fused_path_follows_every_change_of_the_warehouse():
             got = layer(x)
         with torch.no_grad(), execution_path("reference"):
             assert relative(got, layer(x)) < 1e-5
-        with execution_path("fused:sample"):
+        with execution_path("fused:tiles"):
             layer.train()(x).square().mean().backward()
         optimizer.step()
         layer.eval()

@@ -478,6 +478,60 @@ def test_fused_conv_matches_float64(
 
 
 @needs_kernels
+@each_variant
+@pytest.mark.parametrize(
+    "batch,positions,out_blocks,col_blocks,num,c_out,length",
+    [
+        (1, 1, 1, 1, 1, 1, 1),
+        (16, 49, 1, 9, 27, 40, 64),  # a ResNet's last stage, narrower
+        (7, 13, 2, 3, 5, 37, 17),  # odd channels and lengths, several blocks each way
+        (3, 6, 1, 2, 13, 20, 150),  # columns in several slices
+    ],
+)
+def test_fused_weight_grad_matches_float64_and_repeats_exactly(
+    kernels, threads, batch, positions, out_blocks, col_blocks, num, c_out, length
+):
+    torch.manual_seed(batch + positions + c_out)
+    cols = torch.randn(batch, positions, col_blocks * length + 3)[:, :, 2:-1]
+    grad = torch.randn(batch, out_blocks * c_out, positions)
+    rows = torch.randn(batch, out_blocks, col_blocks, num)
+    cells = torch.randn(num, c_out, length).transpose(0, 1)  # (c_out, n, d), a warehouse's view
+    weight_grads = torch.einsum("bol,blk->bok", grad.double(), cols.double())  # dW_b, (B, O, Q * d)
+    weight_grads = weight_grads.reshape(batch, out_blocks, c_out, col_blocks, length)
+    want_rows = torch.einsum("bocqd,cjd->boqj", weight_grads, cells.double())
+    want_cells = torch.einsum("boqj,bocqd->cjd", rows.double(), weight_grads)
+    magnitudes = torch.einsum("bol,blk->bok", grad.double().abs(), cols.double().abs())
+    magnitudes = magnitudes.reshape(weight_grads.shape)
+    for tile_floats in (1, 1 << 21):
+        grad_rows, grad_cells = kernels.fused_weight_grad(cols, grad, rows, cells, 16, tile_floats)
+        assert (
+            error_of_sums(
+                grad_rows, want_rows, torch.einsum("bocqd,cjd->boqj", magnitudes, cells.double().abs())
+            )
+            < 1e-6
+        )
+        assert (
+            error_of_sums(
+                grad_cells, want_cells, torch.einsum("boqj,bocqd->cjd", rows.double().abs(), magnitudes)
+            )
+            < 1e-6
+        )
+        again = kernels.fused_weight_grad(cols, grad, rows, cells, 16, tile_floats)
+        assert torch.equal(again[0], grad_rows) and torch.equal(again[1], grad_cells)
+
+
+@needs_kernels
+def test_pack_cells_reads_any_strides():
+    kernels = native.load(native.variant())
+    cells = torch.randn(5, 70, 9)  # (n, c_out, d)
+    for view in (cells.transpose(0, 1), cells.permute(2, 0, 1), cells.transpose(0, 1).contiguous()):
+        packed = kernels.pack_cells(view, 64)  # (blocks, d, n, 64)
+        c_out = view.shape[0]
+        unpacked = packed.permute(0, 3, 2, 1).reshape(-1, view.shape[1], view.shape[2])
+        assert torch.equal(unpacked[:c_out], view) and not unpacked[c_out:].any()
+
+
+@needs_kernels
 def test_fused_conv_refuses_shapes_that_do_not_fit():
     kernels = native.load(native.variant())
     cells = torch.randn(8, 3, 5)

@@ -40,6 +40,12 @@ FUSED_CHANNELS = 64
 #: cache at once (2 MiB: the L2 cache of one core of the Xeon-512).
 FUSED_TILE_FLOATS = 1 << 19
 
+#: Cell channels per block of the ``fused`` path's weight-side backward, and the floats of
+#: weight-gradient tiles (every sample and column block of a slice of columns) one thread keeps in
+#: cache: 2 MiB, as above.
+FUSED_GRAD_CHANNELS = 16
+FUSED_GRAD_TILE_FLOATS = 1 << 21
+
 #: Native kernel calls below this many multiply-adds, or along rows shorter than one vector, cost
 #: more than PyTorch's product (EPYC-512: 1.5-3x slower up to 1.5e5 multiply-adds, call and thread
 #: start-up; 1.3x faster at 6e5, 2-3x from 4e6 on).

@@ -36,16 +36,28 @@ def fused_supported(geo: ConvGeometry, cells_shape: tuple[int, ...], dtype: str,
     )
 
 
-def packed_cells(cells: torch.Tensor) -> torch.Tensor:
+def packed_cells(cells: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """The warehouse in the order the fused kernel reads it, built once per version of its values (an
-    optimizer step or a load builds it again)."""
+    optimizer step or a load builds it again). ``transposed``: with the roles of a cell's input and
+    output channels swapped, for the input gradient."""
     key = (cells._version, cells.data_ptr(), tuning.FUSED_CHANNELS)
     cached = _packed.get(cells)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    packed = native.pack_cells(cells_by_output(cells.detach()), tuning.FUSED_CHANNELS)
-    _packed[cells] = (key, packed)
-    return packed
+    if cached is None or cached[0] != key:
+        cached = _packed[cells] = (key, {})
+    by_transposed = cached[1]
+    if transposed not in by_transposed:
+        by_output = cells_by_output(cells.detach())
+        source = by_output.permute(2, 1, 0) if transposed else by_output
+        by_transposed[transposed] = native.pack_cells(source, tuning.FUSED_CHANNELS)
+    return by_transposed[transposed]
+
+
+def _rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """(B, m, n) mixture weights as (B, output blocks, spatial * input blocks, n): the rows of each
+    block of output channels, by column block of the weight."""
+    spatial, out_blocks, in_blocks = geo.grid
+    rows = mixture.reshape(mixture.shape[0], spatial, out_blocks, in_blocks, -1).transpose(1, 2)
+    return rows.reshape(mixture.shape[0], out_blocks, spatial * in_blocks, -1)
 
 
 def fused_conv(
@@ -56,12 +68,49 @@ def fused_conv(
     ``patches`` form of the ``loop`` path computes it."""
     if not native.applies(x, mixture, cells):
         return loop_conv(x, mixture, cells, geo, by_patches=True)
-    spatial, out_blocks, in_blocks = geo.grid
-    batch, num = mixture.shape[0], cells.shape[0]
-    cols, size = patches(x, geo, kernel_first=spatial > 1)
+    cols, size = patches(x, geo, kernel_first=geo.grid.spatial > 1)
     if cols.stride(2) != 1:
         cols = cols.contiguous()
-    rows = mixture.reshape(batch, spatial, out_blocks, in_blocks, num).transpose(1, 2)
-    rows = rows.reshape(batch, out_blocks, spatial * in_blocks, num)
+    rows = _rows(mixture, geo)
     out = native.fused_conv(cols, rows, packed_cells(cells), cells.shape[1], tuning.FUSED_TILE_FLOATS)
-    return out.reshape(batch, *size, -1).movedim(-1, 1)
+    return out.reshape(x.shape[0], *size, -1).movedim(-1, 1)
+
+
+def fused_backward(
+    x: torch.Tensor,
+    mixture: torch.Tensor,
+    cells: torch.Tensor,
+    grad: torch.Tensor,
+    geo: ConvGeometry,
+    grad_x: torch.Tensor | None,
+    grad_mixture: torch.Tensor,
+) -> torch.Tensor:
+    """Backward of :func:`fused_conv` on the native kernels (callers check :func:`native.applies`);
+    fills grad_x and grad_mixture, returns the cells' gradient. No weight or weight gradient is built
+    whole: the input gradient is the fused convolution of the output's gradient with the transposed
+    weights (the warehouse packed transposed), the rest comes from tiles of the weight gradient
+    (:func:`kernelwarehouse.native.fused_weight_grad`)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    batch, by_output = x.shape[0], cells_by_output(cells)
+    with torch.enable_grad():
+        inputs = x.detach().requires_grad_(grad_x is not None)
+        cols, _ = patches(inputs, geo, kernel_first=spatial > 1)
+    data = cols.detach() if cols.stride(2) == 1 else cols.detach().contiguous()
+    rows = _rows(mixture, geo)
+    by_position = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
+    if grad_x is not None:
+        channels_last = by_position.transpose(1, 2).contiguous()
+        grad_cols = native.fused_conv(
+            channels_last,
+            rows.transpose(1, 2).contiguous(),
+            packed_cells(cells, transposed=True),
+            by_output.shape[2],
+            tuning.FUSED_TILE_FLOATS,
+        )
+        grad_x.copy_(torch.autograd.grad(cols, inputs, grad_cols)[0])
+    grad_rows, grad_by_output = native.fused_weight_grad(
+        data, by_position, rows, by_output, tuning.FUSED_GRAD_CHANNELS, tuning.FUSED_GRAD_TILE_FLOATS
+    )
+    grad_rows = grad_rows.reshape(batch, out_blocks, spatial, in_blocks, -1).transpose(1, 2)
+    grad_mixture.copy_(grad_rows.reshape(grad_mixture.shape))
+    return grad_by_output.transpose(0, 1).reshape(cells.shape)

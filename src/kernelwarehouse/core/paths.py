@@ -124,6 +124,8 @@ class ExecutionPath:
     forward: Forward
     backwards: tuple[str, ...] = ()
     folds_epilogue: bool = False
+    #: the backward form where a training call names none (default: :func:`loop_backward_rule`)
+    default_backward: Callable[[LayerCall], str] | None = None
 
     def backward_supported(self, form: str, call: LayerCall) -> bool:
         if not self.backwards:
@@ -132,7 +134,7 @@ class ExecutionPath:
             return call.geo.groups == 1
         if form == "mix":
             return mix_supported(call.geo, call.cells_shape)
-        return form == "sample"
+        return form in ("sample", "tiles")
 
 
 def _reference(x, mixture, cells, geo, backward, lean):
@@ -298,10 +300,12 @@ register(
     ExecutionPath(
         "fused",
         "each weight assembled a tile at a time in cache by the native kernels and applied at once to "
-        "the sample's patches; the warehouse read once per call (CPU, float32, eager mode, groups 1)",
+        "the sample's patches; the warehouse read once per call (CPU, float32, eager mode, groups 1); "
+        "its own backward (``tiles``) builds no weight gradient whole either",
         lambda call: fused_supported(call.geo, call.cells_shape, call.dtype, call.device) and not call.graph,
         _fused,
-        LOOP_BACKWARDS,
+        ("tiles", *LOOP_BACKWARDS),
+        default_backward=lambda call: "tiles",
     )
 )
 register(
@@ -472,7 +476,7 @@ def run_choice(
     name, backward, torch_products = split_choice(choice)
     path = REGISTRY[name]
     if lean and path.backwards and not backward:
-        backward = loop_backward_rule(call)
+        backward = (path.default_backward or loop_backward_rule)(call)
     with native.enabled(False) if torch_products else contextlib.nullcontext():
         return path.forward(x, mixture, cells, geo, backward, lean)
 

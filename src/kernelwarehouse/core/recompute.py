@@ -12,7 +12,7 @@ import torch
 
 from .. import native
 from .assembly import assemble_weights, split_into_cells
-from .fused import fused_conv
+from .fused import fused_backward, fused_conv
 from .loop import loop_backward, loop_conv
 from .mix import mix_backward
 from .per_sample import (
@@ -110,6 +110,10 @@ def _backward(
     geo: ConvGeometry = ctx.geo
     if ctx.path not in ONE_BY_ONE:
         return _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+    if ctx.loop_backward_form == "tiles":
+        if native.applies(x, mixture, cells, grad):
+            return fused_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
+        return loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture, by_slices=True)
     if ctx.loop_backward_form == "mix":
         return mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
     return loop_backward(

@@ -51,7 +51,7 @@ from .. import tuning
 from ..cache import cache_dir
 
 __all__ = ["VARIANTS", "Kernels", "applies", "available", "cpu_features", "cpu_model", "enabled", "is_enabled",
-           "load", "mix_rows", "rows_gradient", "fused_conv", "pack_cells",
+           "load", "mix_rows", "rows_gradient", "fused_conv", "fused_weight_grad", "pack_cells",
            "supported_variants", "variant", "worthwhile"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -169,8 +169,8 @@ def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
 
 
 def pack_cells(by_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """(c_out, n, d) cells, stored by output channel, in the order :func:`fused_conv` reads them: (c_out /
-    channels rounded up, d, n, channels), zeros past c_out. Callers check :func:`applies` first."""
+    """(c_out, n, d) cells (any strides), stored by output channel, in the order :func:`fused_conv` reads them:
+    (c_out / channels rounded up, d, n, channels), zeros past c_out. Callers check :func:`applies` first."""
     return _loaded().pack_cells(by_output, channels)
 
 
@@ -182,6 +182,16 @@ def fused_conv(cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_o
     :func:`pack_cells`. Returns (B, L, out blocks * c_out). ``tile_floats`` bounds the floats of cells and
     assembled weights one thread keeps in cache. Callers check :func:`applies` first."""
     return _loaded().fused_conv(cols, rows, packed, c_out, tile_floats)
+
+
+def fused_weight_grad(cols: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, by_output: torch.Tensor,
+                      channels: int, tile_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture and cell gradients of :func:`fused_conv` from ``grad`` (B, out blocks * c_out, L), the
+    output's gradient, without building any whole weight gradient: with ``dW_b = grad[b] @ cols[b]``, the rows'
+    gradient ``sum dW_b * cells`` (B, out blocks, Q, n) and the cells' ``sum rows * dW_b`` (c_out, n, d). Tiles of
+    ``channels`` cell channels; ``tile_floats`` bounds the floats of weight-gradient tiles one thread keeps in
+    cache. Callers check :func:`applies` first."""
+    return _loaded().fused_weight_grad(cols, grad, rows, by_output, channels, tile_floats)
 
 
 class Kernels:
@@ -201,8 +211,13 @@ class Kernels:
         library.kw_fused_conv.argtypes = [pointer, size, size, size, size, pointer, size, size, ctypes.c_int, pointer,
                                           size, size, pointer, size, size, ctypes.c_int]
         library.kw_fused_conv.restype = None
-        library.kw_pack_cells.argtypes = [pointer, size, ctypes.c_int, size, size, size, pointer, size, ctypes.c_int]
+        library.kw_pack_cells.argtypes = [pointer, size, ctypes.c_int, size, size, size, size, pointer, size,
+                                          ctypes.c_int]
         library.kw_pack_cells.restype = None
+        library.kw_fused_weight_grad.argtypes = [pointer, size, size, size, size, pointer, pointer, size, size,
+                                                 ctypes.c_int, pointer, size, size, size, size, pointer, pointer, size,
+                                                 size, ctypes.c_int]
+        library.kw_fused_weight_grad.restype = ctypes.c_int
         self._library = library
 
     def __repr__(self) -> str:
@@ -246,14 +261,41 @@ class Kernels:
     def pack_cells(self, by_output: torch.Tensor, channels: int) -> torch.Tensor:
         """:func:`pack_cells` of this variant."""
         c_out, num, length = by_output.shape
-        if by_output.stride(2) != 1:
-            by_output = by_output.contiguous()
         blocks = -(-c_out // channels)
         packed = torch.empty(blocks, length, num, channels, dtype=by_output.dtype)
         if packed.numel():
-            self._library.kw_pack_cells(by_output.data_ptr(), c_out, num, length, by_output.stride(0),
-                                        by_output.stride(1), packed.data_ptr(), channels, torch.get_num_threads())
+            self._library.kw_pack_cells(by_output.data_ptr(), c_out, num, length, *by_output.stride(),
+                                        packed.data_ptr(), channels, torch.get_num_threads())
         return packed
+
+    def fused_weight_grad(self, cols: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor,
+                          by_output: torch.Tensor, channels: int,
+                          tile_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`fused_weight_grad` of this variant."""
+        batch, positions, width = cols.shape
+        _, out_blocks, col_blocks, num = rows.shape
+        c_out, cells_num, length = by_output.shape
+        if (cols.stride(2) != 1 or rows.shape[0] != batch or cells_num != num or col_blocks * length != width
+                or grad.shape != (batch, out_blocks * c_out, positions)):
+            raise ValueError(f"fused_weight_grad: patches {tuple(cols.shape)}, output gradient {tuple(grad.shape)}, "
+                             f"rows {tuple(rows.shape)} and cells {tuple(by_output.shape)} do not fit")
+        grad = grad.contiguous()
+        rows_t = rows.reshape(-1, num).t().contiguous()
+        if by_output.stride(2) != 1:
+            by_output = by_output.contiguous()
+        grad_rows = torch.empty(batch, out_blocks, col_blocks, num, dtype=cols.dtype)
+        grad_cells = torch.empty(c_out, num, length, dtype=cols.dtype)
+        if grad_rows.numel() and grad_cells.numel():
+            failed = self._library.kw_fused_weight_grad(
+                cols.data_ptr(), batch, positions, cols.stride(0), cols.stride(1), grad.data_ptr(),
+                rows_t.data_ptr(), out_blocks, col_blocks, num, by_output.data_ptr(), length, c_out,
+                by_output.stride(0), by_output.stride(1), grad_rows.data_ptr(), grad_cells.data_ptr(), channels,
+                tile_floats, torch.get_num_threads())
+            if failed:
+                raise MemoryError("fused_weight_grad: out of memory for the weight-gradient tiles")
+        else:
+            grad_rows.zero_(), grad_cells.zero_()
+        return grad_rows, grad_cells
 
     def fused_conv(self, cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int,
                    tile_floats: int) -> torch.Tensor:

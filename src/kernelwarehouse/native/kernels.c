@@ -10,6 +10,8 @@
  * vectors over a few channels at a time, in an order fixed by the thread count.
  * kw_fused_conv: a convolution as a product with input patches whose per-sample weights are assembled a tile
  * at a time in cache by the same register blocks and used at once; kw_pack_cells lays the warehouse out for it.
+ * The same kernel with the roles of input and output swapped gives its input gradient, and
+ * kw_fused_weight_grad the mixture and cell gradients from tiles of the weight gradient.
  *
  * Variants. The vector width and the register blocks are macros, so that this one source builds for
  * each instruction set. kernelwarehouse.native picks the variant from the CPU's flags in /proc/cpuinfo,
@@ -222,11 +224,11 @@ void kw_fused_conv(const float *cols, long batch, long positions, long cols_samp
     free(buffers);
 }
 
-/* kw_pack_cells: the warehouse in the order kw_fused_conv reads it. cells: (c_out, n, d), strides (channel_stride,
- * cell_stride, 1), the cells of each output channel; packed: (c_out / channels rounded up, d, n, channels)
- * contiguous, packed[c / channels, e, j, c % channels] = cells[c, j, e], zeros past c_out. */
+/* kw_pack_cells: cells in the order kw_fused_conv reads them. cells: (c_out, n, d), strides (channel_stride,
+ * cell_stride, length_stride); packed: (c_out / channels rounded up, d, n, channels) contiguous,
+ * packed[c / channels, e, j, c % channels] = cells[c, j, e], zeros past c_out. */
 void kw_pack_cells(const float *cells, long c_out, int n, long d, long channel_stride, long cell_stride,
-                   float *packed, long channels, int threads) {
+                   long length_stride, float *packed, long channels, int threads) {
     const long blocks = (c_out + channels - 1) / channels;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long task = 0; task < blocks * n; task++) {
@@ -236,8 +238,8 @@ void kw_pack_cells(const float *cells, long c_out, int n, long d, long channel_s
         for (long e0 = 0; e0 < d; e0 += 16) {   /* 16 columns of `channels` rows at a time */
             const long span = d - e0 < 16 ? d - e0 : 16;
             for (long c = 0; c < size; c++) {
-                const float *source = cells + (c0 + c) * channel_stride + j * cell_stride + e0;
-                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = source[e];
+                const float *source = cells + (c0 + c) * channel_stride + j * cell_stride + e0 * length_stride;
+                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = source[e * length_stride];
             }
             for (long c = size; c < channels; c++)
                 for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = 0.0f;
@@ -336,4 +338,95 @@ void kw_rows_gradient(const float *grad, long num_rows, long grad_channel_stride
         out[i] = sum;
     }
     free(partial);
+}
+
+/* kw_fused_weight_grad: the weight side of kw_fused_conv's backward, without whole weight gradients. With
+ * dW_b = dY_b^T cols_b the gradient of sample b's weight, built a tile at a time and never whole:
+ *     grad_rows[b, ob, q, j] = sum_{c, e} dW_b[ob * c_out + c, q * d + e] * cells[c, j, e]
+ *     grad_cells[c, j, e] = sum_{b, ob, q} rows[b, ob, q, j] * dW_b[ob * c_out + c, q * d + e]
+ * cols as in kw_fused_conv; grad_t: (batch, out_blocks * c_out, positions) contiguous, the output's gradient
+ * with positions innermost; rows_t: (n, batch * out_blocks * col_blocks) contiguous, the mixture weights
+ * transposed; cells: (c_out, n, d), strides (channel_stride, cell_stride, 1); grad_rows: (batch * out_blocks *
+ * col_blocks, n) contiguous, overwritten; grad_cells: (c_out, n, d) contiguous, overwritten.
+ *
+ * A task is one block of `channels` cell channels. For each slice of kc columns it builds the dW tiles of
+ * every (b, ob, q) in cache (tile_floats bounds them), then takes both sums from them: the rows' gradient as
+ * dot products with the cells (kw_rows_gradient's blocks), the cells' gradient as products with the
+ * transposed rows (kw_mix_rows's blocks). Each task writes its own channels of grad_cells; each thread sums its
+ * tasks' share of grad_rows apart, in a fixed order, and the shares are added in thread order, so equal inputs
+ * give equal outputs. Returns 0, or -1 where memory ran out. */
+int kw_fused_weight_grad(const float *cols, long batch, long positions, long cols_sample_stride,
+                         long cols_row_stride, const float *grad_t, const float *rows_t, long out_blocks,
+                         long col_blocks, int n, const float *cells, long d, long c_out, long channel_stride,
+                         long cell_stride, float *grad_rows, float *grad_cells, long channels, long tile_floats,
+                         int threads) {
+    const long count = batch * out_blocks * col_blocks;   /* the tiles' index r = (b * out_blocks + ob) * q */
+    long kc = tile_floats / (count * channels) / LANES * LANES;
+    if (kc < LANES) kc = LANES;
+    if (kc > d) kc = d;
+    const long blocks = (c_out + channels - 1) / channels;
+    const long tiles_size = count * channels * kc, rows_size = count * n, per_thread = tiles_size + rows_size;
+    float *buffers = malloc(sizeof(float) * (size_t)(per_thread * threads));
+    if (buffers == NULL) return -1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < threads; t++) memset(buffers + t * per_thread + tiles_size, 0, sizeof(float) * rows_size);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long block = 0; block < blocks; block++) {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        float *tiles = buffers + thread * per_thread, *partial = tiles + tiles_size;
+        const long c0 = block * channels, size = c_out - c0 < channels ? c_out - c0 : channels;
+        const long channel_groups = (size + MAX_ROWS - 1) / MAX_ROWS, cell_groups = (n + MAX_ROWS - 1) / MAX_ROWS;
+        for (long e0 = 0; e0 < d; e0 += kc) {
+            const long span = d - e0 < kc ? d - e0 : kc, tile = size * span;
+            for (long b = 0; b < batch; b++)   /* dW tiles, (r, size, span): dY^T (size, L) @ cols (L, span) */
+                for (long ob = 0; ob < out_blocks; ob++) {
+                    const float *dy = grad_t + ((b * out_blocks + ob) * c_out + c0) * positions;
+                    for (long q = 0; q < col_blocks; q++) {
+                        const float *x = cols + b * cols_sample_stride + q * d + e0;
+                        float *target = tiles + ((b * out_blocks + ob) * col_blocks + q) * tile;
+                        long c = 0;
+                        for (long h = 0; h < channel_groups; h++) {
+                            const int rows_in_block = (int)((size - c) / (channel_groups - h));
+                            row_block(rows_in_block, dy + c * positions, positions, (int)positions, x, cols_row_stride,
+                                      span, target + c * span, span, 0);
+                            c += rows_in_block;
+                        }
+                    }
+                }
+            const long row_blocks = (count + GRAD_ROWS - 1) / GRAD_ROWS;   /* the rows' gradient */
+            const int cell_blocks = (n + GRAD_CELLS - 1) / GRAD_CELLS;
+            long r = 0;
+            for (long h = 0; h < row_blocks; h++) {
+                const int rows_in_block = (int)((count - r) / (row_blocks - h));
+                int j = 0;
+                for (int g = 0; g < cell_blocks; g++) {
+                    const int cells_in_block = (n - j) / (cell_blocks - g);
+                    DISPATCH(cells_in_block, GRAD_CELLS, dot_any_rows, rows_in_block, tiles + r * tile, tile, span,
+                             cells + c0 * channel_stride + j * cell_stride + e0, cell_stride, channel_stride, size,
+                             span, partial + r * n + j, n)
+                    j += cells_in_block;
+                }
+                r += rows_in_block;
+            }
+            for (long c = 0; c < size; c++) {   /* the cells' gradient: (n, count) @ (count, span) per channel */
+                long j = 0;
+                for (long h = 0; h < cell_groups; h++) {
+                    const int rows_in_block = (int)((n - j) / (cell_groups - h));
+                    row_block(rows_in_block, rows_t + j * count, count, (int)count, tiles + c * span, tile, span,
+                              grad_cells + ((c0 + c) * n + j) * d + e0, d, 0);
+                    j += rows_in_block;
+                }
+            }
+        }
+    }
+    for (long i = 0; i < rows_size; i++) {
+        float sum = 0.0f;
+        for (int t = 0; t < threads; t++) sum += buffers[t * per_thread + tiles_size + i];
+        grad_rows[i] = sum;
+    }
+    free(buffers);
+    return 0;
 }
