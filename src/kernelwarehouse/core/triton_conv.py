@@ -630,17 +630,12 @@ class FusedConv(torch.autograd.Function):
     cell gradients from per-sample weight gradients a chunk of samples at a time
     (:data:`kernelwarehouse.tuning.CHUNK_ELEMENTS`), so nothing of size B |W| is kept."""
 
+    forward = staticmethod(forward)
+
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        mixture: torch.Tensor,
-        cells: torch.Tensor,  # type: ignore[override]
-        geo: ConvGeometry,
-    ) -> torch.Tensor:
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, mixture, cells, ctx.geo = inputs
         ctx.save_for_backward(x, mixture, cells)
-        ctx.geo = geo
-        return forward(x, mixture, cells, geo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
