@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--paths",
-        default="grouped,unfold,mix,loop,patches,auto",
+        default="grouped,unfold,mix,loop,patches,fused,auto",
         help="inference paths, comma-separated (PATH@torch: with PyTorch's products)",
     )
     parser.add_argument(
         "--train-paths",
-        default="grouped,loop:slices,loop:sample,loop:mix,patches:slices,auto",
+        default="grouped,loop:slices,loop:sample,loop:mix,patches:slices,fused:tiles,auto",
         help="training paths ('' for none); loop:FORM names the loop path's backward form",
     )
     parser.add_argument("--only", default="", help="time only layers whose name contains this")

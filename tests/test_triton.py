@@ -173,32 +173,34 @@ def compile_report() -> dict[str, int]:
     from kernelwarehouse.core import triton_conv as kernels
 
     cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    tiles = dict(
-        BLOCK_M=tuning.TRITON_BLOCK_POSITIONS,
-        BLOCK_N=tuning.TRITON_BLOCK_CHANNELS,
-        BLOCK_K=tuning.TRITON_BLOCK_REDUCTION,
+    tile = kernels._Tile(
+        tuning.TRITON_BLOCK_POSITIONS, tuning.TRITON_BLOCK_CHANNELS, tuning.TRITON_BLOCK_REDUCTION
     )
+    weight_tile = kernels._Tile(
+        tuning.TRITON_BLOCK_CHANNELS, tuning.TRITON_BLOCK_CHANNELS, tuning.TRITON_BLOCK_REDUCTION
+    )
+    # the kernels' tuple arguments, integers throughout
+    ints = {
+        name: kind(*["i32"] * len(kind._fields))
+        for name, kind in (("cells", kernels._Cells), ("conv", kernels._Conv))
+    }
+    ints.update({f"{name}_strides": kernels._Strides(*["i32"] * 4) for name in ("x", "out", "grad")})
     stacks = {}
     for arch in (80, 90):
         for dtype, precision in (("fp32", "tf32"), ("bf16", "ieee")):
-            tensors = {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "grad_ptr", "gx_ptr")}
-            tensors.update(mix_ptr="*fp32", cells_ptr="*fp32", gw_ptr="*fp32")
+            types = {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "grad_ptr", "gx_ptr")}
+            types.update(mix_ptr="*fp32", cells_ptr="*fp32", gw_ptr="*fp32", **ints)
             assembling = (kernels._forward_kernel, kernels._input_grad_kernel)
             jobs = [
-                (kernel, dict(tiles, ONE_CELL=one_cell), f"{kernel.__name__} one_cell={one_cell}")
+                (kernel, dict(TILE=tile, ONE_CELL=one_cell), f"{kernel.__name__} one_cell={one_cell}")
                 for kernel in assembling
                 for one_cell in (True, False)
             ]
-            weight_tiles = dict(
-                BLOCK_L=tuning.TRITON_BLOCK_REDUCTION,
-                BLOCK_CI=tuning.TRITON_BLOCK_CHANNELS,
-                BLOCK_OC=tuning.TRITON_BLOCK_CHANNELS,
-            )
-            jobs.append((kernels._weight_grad_kernel, weight_tiles, "_weight_grad_kernel"))
+            jobs.append((kernels._weight_grad_kernel, dict(TILE=weight_tile), "_weight_grad_kernel"))
             for kernel, constants, name in jobs:
-                constants.update(KH=3, KW=3, PRECISION=precision)
+                constants.update(KERNEL=(3, 3), PRECISION=precision)
                 signature = {
-                    arg: "constexpr" if arg in constants else tensors.get(arg, "i32")
+                    arg: "constexpr" if arg in constants else types.get(arg, "i32")
                     for arg in kernel.arg_names
                 }
                 compiled = triton.compile(

@@ -4,7 +4,7 @@ sample by an attention over K and applied through the project's execution path."
 from __future__ import annotations
 
 import math
-
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,25 +28,32 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+@dataclass(frozen=True)
+class Conv2dArguments:
+    """The arguments of :class:`torch.nn.Conv2d` in its order and with its defaults (zero padding
+    only): what every baseline layer takes first, positionally or by name. Each layer's own
+    arguments (its number of kernels K, then its attention's options) extend it in a subclass, so
+    that they follow in the same order."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: int | Sequence[int] | str = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    bias: bool = True
+
+
 class MixtureConv2d(nn.Module):
     """A 2-d convolution whose weight is one of ``num_kernels`` kernels or a per-sample mixture of them.
 
     ``weight`` has shape (K, C_out, C_in / groups, k_h, k_w); subclasses add the attention branch.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | str = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        num_kernels: int = 4,
-    ) -> None:
+    def __init__(self, conv: Conv2dArguments, num_kernels: int) -> None:
         super().__init__()
+        in_channels, out_channels, groups = conv.in_channels, conv.out_channels, conv.groups
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
@@ -55,15 +62,15 @@ class MixtureConv2d(nn.Module):
         if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
             raise ValueError(f"the number of kernels must be an int >= 1, got {num_kernels!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = checked_padding(padding, self.stride)
+        self.kernel_size, self.stride = _pair(conv.kernel_size), _pair(conv.stride)
+        self.dilation, self.padding = _pair(conv.dilation), checked_padding(conv.padding, self.stride)
         self.num_kernels = num_kernels
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(num_kernels, *self.weight_shape))
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
         # one bias per kernel, mixed like the kernels (DY-Conv, Chen et al. 2020, Eq. 1)
-        self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels)) if conv.bias else None
 
     def mix(self, attention: torch.Tensor) -> torch.Tensor:
         """Per-sample weights (B, C_out, C_in / groups, k_h, k_w) from kernel weights (B, K)."""

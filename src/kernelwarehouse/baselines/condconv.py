@@ -7,33 +7,32 @@ the experts are not forced to compete.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ._base import MixtureConv2d
+from ._base import Conv2dArguments, MixtureConv2d
+
+
+@dataclass(frozen=True)
+class CondConvArguments(Conv2dArguments):
+    """:class:`CondConv2d`'s arguments: ``nn.Conv2d``'s, then the number of experts K."""
+
+    num_experts: int = 4
 
 
 class CondConv2d(MixtureConv2d):
-    """Drop-in ``nn.Conv2d`` with ``num_experts`` kernels and a sigmoid routing function."""
+    """Drop-in ``nn.Conv2d`` with ``num_experts`` kernels and a sigmoid routing function.
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | str = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        num_experts: int = 4,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts
-        )
-        self.routing = nn.Linear(in_channels, num_experts)
+    Takes the arguments of :class:`CondConvArguments`, positionally or by name.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = CondConvArguments(*args, **kwargs)
+        super().__init__(arguments, arguments.num_experts)
+        self.routing = nn.Linear(arguments.in_channels, arguments.num_experts)
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """r(x) of shape (B, K), each entry in (0, 1)."""

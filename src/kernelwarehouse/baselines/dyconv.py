@@ -10,44 +10,41 @@ does not touch it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import MixtureConv2d, attention_width, check_temperature
+from ._base import Conv2dArguments, MixtureConv2d, attention_width, check_temperature
+
+
+@dataclass(frozen=True)
+class DynamicConvArguments(Conv2dArguments):
+    """:class:`DynamicConv2d`'s arguments: ``nn.Conv2d``'s, then the number of kernels K and the
+    attention's options."""
+
+    num_kernels: int = 4
+    reduction: float = 0.25
+    min_hidden: int = 4
+    temperature: float = 1.0
 
 
 class DynamicConv2d(MixtureConv2d):
     """Drop-in ``nn.Conv2d`` with ``num_kernels`` kernels and a softmax attention with temperature.
 
-    The attention's hidden width is ``max(int(in_channels * reduction), min_hidden)``; the paper
-    reduces by 4.
+    Takes the arguments of :class:`DynamicConvArguments`, positionally or by name. The attention's
+    hidden width is ``max(int(in_channels * reduction), min_hidden)``; the paper reduces by 4.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | str = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        num_kernels: int = 4,
-        reduction: float = 0.25,
-        min_hidden: int = 4,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels
-        )
-        hidden = attention_width(in_channels, reduction, min_hidden)
-        self.fc1 = nn.Linear(in_channels, hidden)
-        self.fc2 = nn.Linear(hidden, num_kernels)
-        self.temperature = check_temperature(temperature)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = DynamicConvArguments(*args, **kwargs)
+        super().__init__(arguments, arguments.num_kernels)
+        hidden = attention_width(arguments.in_channels, arguments.reduction, arguments.min_hidden)
+        self.fc1 = nn.Linear(arguments.in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, arguments.num_kernels)
+        self.temperature = check_temperature(arguments.temperature)
 
     def kernel_attention(self, x: torch.Tensor) -> torch.Tensor:
         """pi(x) of shape (B, K); each row sums to 1."""

@@ -17,14 +17,14 @@ scales each filter). A 1x1 convolution with K = 1 keeps a static kernel.
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import MixtureConv2d, attention_width, check_temperature
+from ._base import Conv2dArguments, MixtureConv2d, attention_width, check_temperature
 
 
 class ODAttention(nn.Module):
@@ -81,40 +81,37 @@ class ODAttention(nn.Module):
         return f"temperature={self.temperature:g}"
 
 
+@dataclass(frozen=True)
+class ODConvArguments(Conv2dArguments):
+    """:class:`ODConv2d`'s arguments: ``nn.Conv2d``'s, then the number of kernels K and the options of
+    its :class:`ODAttention`."""
+
+    kernel_num: int = 4
+    reduction: float = 1 / 16
+    min_hidden: int = 16
+    temperature: float = 1.0
+
+
 class ODConv2d(MixtureConv2d):
     """Drop-in ``nn.Conv2d`` with ``kernel_num`` kernels and omni-dimensional attention.
 
-    ``bias`` (off in the paper's models) is one bias per kernel, mixed by the kernel attention and
-    added after the filter attention.
+    Takes the arguments of :class:`ODConvArguments`, positionally or by name. ``bias`` (off in the
+    paper's models) is one bias per kernel, mixed by the kernel attention and added after the filter
+    attention.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | str = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        kernel_num: int = 4,
-        reduction: float = 1 / 16,
-        min_hidden: int = 16,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, kernel_num
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = ODConvArguments(*args, **kwargs)
+        super().__init__(arguments, arguments.kernel_num)
         self.attention = ODAttention(
-            in_channels,
-            out_channels,
+            arguments.in_channels,
+            arguments.out_channels,
             self.kernel_size,
-            groups,
-            kernel_num,
-            reduction,
-            min_hidden,
-            temperature,
+            arguments.groups,
+            arguments.kernel_num,
+            arguments.reduction,
+            arguments.min_hidden,
+            arguments.temperature,
         )
 
     @property

@@ -13,6 +13,19 @@ class CommandError(Exception):
     """A user error: printed as one line on stderr, exit code 2, no traceback."""
 
 
+def add_command(sub: argparse._SubParsersAction, name: str, help: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name``: ``help`` in ``kw --help``, its module's docstring ``doc``
+    as the description of ``kw NAME --help``, kept as written."""
+    return sub.add_parser(
+        name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off option, ``--flag`` / ``--no-flag``; None where neither is given."""
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kw", description="KernelWarehouse: models, training and tools")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,7 +24,7 @@ from ..train.plots import save_run_plots
 from ..train.recipes import get_recipe
 from ..train.config import TrainConfig
 from ..train.trainer import Trainer
-from . import CommandError
+from . import CommandError, add_command
 from .train import add_training_options, parse_model_kwargs
 
 DEFAULT_RUNS = ("resnet18", "kw_resnet18@1/2", "kw_resnet18@1", "kw_resnet18@4")
@@ -177,11 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "demo",
-        help="static vs KernelWarehouse at several budgets on real digits, with plots",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        sub, "demo", "static vs KernelWarehouse at several budgets on real digits, with plots", __doc__
     )
     parser.add_argument("--output", default="runs/demo", help="where runs, table and plots go (runs/demo)")
     parser.add_argument(

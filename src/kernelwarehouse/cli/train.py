@@ -19,7 +19,7 @@ from ..train.checkpoint import load_checkpoint
 from ..train.recipes import get_recipe
 from ..train.config import TrainConfig
 from ..train.trainer import Trainer
-from . import CommandError
+from . import CommandError, add_command, add_switch
 
 # option name -> TrainConfig field, for the options that map one to one
 FIELDS = {f.name for f in fields(TrainConfig)}
@@ -131,21 +131,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="extra options for create_model, e.g. stem_width=8 channels=(8,16,32,64) norm=layer",
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bars (default: when stderr is a terminal)",
-    )
+    add_switch(parser, "--progress", "progress bars (default: when stderr is a terminal)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "train",
-        help="train a model (digits, CIFAR folder or ImageFolder tree)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(sub, "train", "train a model (digits, CIFAR folder or ImageFolder tree)", __doc__)
     parser.add_argument("--model", help="registered model name (see kw models)")
     parser.add_argument("--budget", help="KernelWarehouse budget b, e.g. 1/2, 0.5, 4x (kw_* models)")
     parser.add_argument(
@@ -154,15 +144,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="run directory (default runs/MODEL-BUDGET)")
     parser.add_argument("--resume", help="checkpoint (or run directory) to continue from")
     parser.add_argument("--recipe", help="named recipe (see kw recipes)")
-    parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)"
-    )
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep and evaluate an exponential moving average of the weights",
-    )
+    add_switch(parser, "--amp", "mixed precision (CUDA)")
+    add_switch(parser, "--ema", "keep and evaluate an exponential moving average of the weights")
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--optimizer", choices=("sgd", "adamw"))
     parser.add_argument("--momentum", type=float)
@@ -178,24 +161,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--random-erasing", type=float, help="random erasing probability (ImageFolder data)")
     parser.add_argument("--image-size", type=int, help="ImageFolder image size (recipe or 224)")
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels-last memory format on CUDA",
-    )
-    parser.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="deterministic kernels (default on)",
-    )
+    add_switch(parser, "--channels-last", "channels-last memory format on CUDA")
+    add_switch(parser, "--deterministic", "deterministic kernels (default on)")
     parser.add_argument("--log-interval", type=int, help="steps between entries of steps.csv (10)")
-    parser.add_argument(
-        "--skip-unreadable",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="skip images that cannot be read (counted per epoch) instead of stopping",
+    add_switch(
+        parser, "--skip-unreadable", "skip images that cannot be read (counted per epoch) instead of stopping"
     )
     add_training_options(parser)
     parser.set_defaults(run=run)

@@ -21,13 +21,12 @@ so the converted model computes what the original computed. Anneal tau with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ..core.build import apply_plan
-from .planning import MAX_ATTENTION, Conversion, Sharing, plan_conversion, plan_with_originals
+from .planning import Conversion, plan_conversion
 from .warm_start import load_static_state_dict, load_static_weights
 
 
@@ -35,20 +34,18 @@ def convert(
     model: nn.Module,
     budget: Any = 1.0,
     warm_start: bool = False,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    sharing: Sharing = "stage",
-    norm: str = "batch",
-    *,
-    linear: bool | None = None,
-    example_input: torch.Tensor | tuple | None = None,
-    max_attention: float = MAX_ATTENTION,
+    *args: Any,
     verbose: bool = False,
     method: str = "kw",
     kernel_num: int = 4,
-    **ratios: Any,
+    **kwargs: Any,
 ) -> nn.Module:
     """Replace ``model``'s static layers by KernelWarehouse layers, in place; returns ``model``.
+
+    The layers and their warehouses are planned by :func:`plan_conversion`, which takes ``model``,
+    ``budget`` and the further arguments: ``include``, ``exclude``, ``sharing`` and ``norm``
+    (positionally after ``warm_start``, or by name), and by name ``linear``, ``example_input``,
+    ``max_attention`` and warehouse options.
 
     Args:
         budget: b = n / m of every warehouse (``cell_num_ratio``): 1/4 to 4, a number or ``"1/2"``.
@@ -68,12 +65,12 @@ def convert(
         max_attention: the share of a warehouse's static weights its layers' attention may take.
         method: ``"kw"``, or a baseline (``"odconv"``, ``"dyconv"``, ``"condconv"``) with
             ``kernel_num`` kernels put on the same Conv2d layers KernelWarehouse would take.
-        **ratios: further warehouse options (``cell_inplane_ratio``, ``reduction``, ...), one value
+        further keywords: warehouse options (``cell_inplane_ratio``, ``reduction``, ...), one value
             or a mapping from warehouse name to value.
     """
-    conversion, originals = plan_with_originals(
-        model, budget, include, exclude, sharing, norm, linear, example_input, max_attention, ratios
-    )
+    conversion = plan_conversion(model, budget, *args, **kwargs)
+    # the static layers the plan replaces, by module path in the plan's (module) order
+    originals = {layer.name: model.get_submodule(layer.name) for layer in conversion.plan.layers}
     if method != "kw":
         from ..baselines.models import convert_to_baseline  # the baselines register models on import
 

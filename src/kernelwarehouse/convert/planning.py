@@ -4,7 +4,6 @@ stage into warehouses whose attention stays within ``max_attention`` of their st
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -15,7 +14,7 @@ from ..core.build import kw_layers, layer_spec
 from ..core.plan import RATIO_NAMES, LayerSpec, Plan, WarehouseConfig, _table, plan_warehouses
 from ..models.registry import parse_budget
 from .candidates import find_candidates, matches, patterns_of, select, typed_layers
-from .stages import SHARING, Sharing, stage_groups
+from .stages import SHARING, Sharing, stage_groups, warn_caller
 
 MAX_ATTENTION = 0.25
 CANNOT_CUT = "cannot be cut into cells"
@@ -108,25 +107,8 @@ def plan_conversion(
     max_attention: float = MAX_ATTENTION,
     **ratios: Any,
 ) -> Conversion:
-    """What :func:`convert` would do with the same arguments, without changing ``model``."""
-    return plan_with_originals(
-        model, budget, include, exclude, sharing, norm, linear, example_input, max_attention, ratios
-    )[0]
-
-
-def plan_with_originals(
-    model: nn.Module,
-    budget: Any,
-    include,
-    exclude,
-    sharing: Sharing,
-    norm: str,
-    linear: bool | None,
-    example_input,
-    max_attention: float,
-    ratios: dict[str, Any],
-) -> tuple[Conversion, dict[str, nn.Module]]:
-    """The :class:`Conversion` of :func:`plan_conversion` and the static layers it converts, by path."""
+    """What :func:`convert` would do with the same arguments, without changing ``model``: the layers
+    its plan converts (``plan.layers``, by module path) and their warehouses."""
     if "cell_num_ratio" in ratios:
         raise TypeError("pass the budget as budget=, not cell_num_ratio=")
     if not (isinstance(sharing, str) and sharing in SHARING) and not callable(sharing):
@@ -200,10 +182,9 @@ def plan_with_originals(
         )
     unplaceable = [f"{n} ({r})" for n, r in skipped if r.startswith(CANNOT_CUT)]
     if unplaceable:
-        warnings.warn(
+        warn_caller(
             f"{len(unplaceable)} layer(s) stay static because no cell of the given ratios fits "
-            f"them: {'; '.join(unplaceable)}",
-            stacklevel=3,
+            f"them: {'; '.join(unplaceable)}"
         )
 
     names = [n for n in candidates if n in keys]  # module order
@@ -212,7 +193,7 @@ def plan_with_originals(
     plan = plan_warehouses([replace(specs[n], key=keys[n]) for n in names], (), **ratios)
     typed = typed_layers(model, linear_mode or bool(linear))
     candidate_weights = sum(m.weight.numel() for m in typed.values())
-    conversion = Conversion(
+    return Conversion(
         plan,
         tuple(skipped),
         sum(p.numel() for p in model.parameters()),
@@ -221,7 +202,6 @@ def plan_with_originals(
         b,
         tuple(notes),
     )
-    return conversion, {n: candidates[n] for n in names}
 
 
 def _weights(specs: Iterable[LayerSpec]) -> int:

@@ -4,6 +4,7 @@ between resolution changes (Li & Yao, ICML 2024, Sec. 3.2), read from one probe 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Callable
 
@@ -17,6 +18,20 @@ SHARING = ("stage", "kind", "layer", "model")
 PROBE_SIZE = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
 
 Sharing = str | Callable[[str], str | None]
+
+
+def warn_caller(message: str) -> None:
+    """A warning attributed to the first caller outside this package: the call of
+    :func:`~kernelwarehouse.convert` or :func:`~kernelwarehouse.plan_conversion`, however deep in
+    them it arises."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _inside(frame.f_globals.get("__name__", "")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _inside(module: str) -> bool:
+    return module == __package__ or module.startswith(f"{__package__}.")
 
 
 def stage_groups(
@@ -36,11 +51,10 @@ def stage_groups(
     try:
         order, resolution = _probe(model, candidates, example_input)
     except Exception as error:  # the model may need inputs we cannot guess
-        warnings.warn(
+        warn_caller(
             f"could not run {type(model).__name__} on a probe input ({type(error).__name__}: "
             f"{error}); stages follow strided convolutions in module order instead. Pass "
-            f"example_input= to group by resolution",
-            stacklevel=4,
+            f"example_input= to group by resolution"
         )
         order, resolution = names, _strided_stages(candidates)
         notes.append("stages from strided convolutions in module order (the probe run failed)")

@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, ContextManager, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 MODES = ("measured", "rule")
+T = TypeVar("T")
 
 _mode = os.environ.get("KERNELWAREHOUSE_PATH_CHOICE", "measured")
 _table: dict[str, str] = {}
@@ -74,13 +75,19 @@ def get_path_choice() -> str:
 
 
 @contextlib.contextmanager
-def path_choice(mode: str) -> Iterator[None]:
-    """Context manager form of :func:`set_path_choice`."""
-    previous = set_path_choice(mode)
+def temporarily(setter: Callable[[T], T], value: T) -> Iterator[None]:
+    """The context manager form of a setter that returns the previous value: ``value`` inside the
+    ``with`` block, the previous one again after it."""
+    previous = setter(value)
     try:
         yield
     finally:
-        set_path_choice(previous)
+        setter(previous)
+
+
+def path_choice(mode: str) -> ContextManager[None]:
+    """Context manager form of :func:`set_path_choice`."""
+    return temporarily(set_path_choice, mode)
 
 
 def path_choices() -> dict[str, str]:

@@ -51,13 +51,12 @@ where an export fixes the batch).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from typing import ContextManager
 
 import torch
 
 from .assembly import assemble_weights, split_into_cells
-from .choice import get_path_choice, measured
+from .choice import get_path_choice, measured, temporarily
 from .paths import (
     REGISTRY,
     LayerCall,
@@ -80,7 +79,6 @@ __all__ = [
     "execution_path",
     "get_execution_path",
     "kw_conv",
-    "kw_conv_and_choice",
     "linear_per_sample",
     "resolve_path",
     "set_execution_path",
@@ -107,14 +105,9 @@ def get_execution_path() -> str:
     return _path
 
 
-@contextlib.contextmanager
-def execution_path(path: str) -> Iterator[None]:
+def execution_path(path: str) -> ContextManager[None]:
     """Context manager form of :func:`set_execution_path`."""
-    previous = set_execution_path(path)
-    try:
-        yield
-    finally:
-        set_execution_path(previous)
+    return temporarily(set_execution_path, path)
 
 
 def resolve_path(
@@ -163,24 +156,14 @@ def kw_conv(
     geo: ConvGeometry,
     path: str | None = None,
     scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    return_choice: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, str]:
     """A KernelWarehouse convolution (or linear, ``geo.linear``) along ``path`` (default: the
     global setting, see :func:`set_execution_path`). All paths compute the same function. ``scale``
     (C_out,) multiplies each output channel before the bias is added: a BatchNorm folded into the
-    layer (:func:`kernelwarehouse.fuse_for_inference`)."""
-    return kw_conv_and_choice(x, mixture, cells, bias, geo, path, scale)[0]
-
-
-def kw_conv_and_choice(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    bias: torch.Tensor | None,
-    geo: ConvGeometry,
-    path: str | None = None,
-    scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, str]:
-    """:func:`kw_conv` and the choice it ran (see :func:`resolve_path`), resolved once.
+    layer (:func:`kernelwarehouse.fuse_for_inference`). With ``return_choice``, returns the output
+    and the choice that ran it (see :func:`resolve_path`), resolved once.
 
     A path that ``folds_epilogue`` (the export path ``conv``, graphs only) applies the scale and
     the bias itself; after any other they are applied to the output, in one pass."""
@@ -188,6 +171,8 @@ def kw_conv_and_choice(
     choice = _resolve(call, x, mixture, cells, geo, path or _path)
     path_ = REGISTRY[split_choice(choice)[0]]
     if path_.folds_epilogue:  # graphs only: no backward form, no native kernels
-        return path_.forward(x, mixture, cells, geo, "", False, scale=scale, bias=bias), choice
-    out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
-    return output_epilogue(out, bias, scale, geo.dims), choice
+        out = path_.forward(x, mixture, cells, geo, "", False, scale=scale, bias=bias)
+    else:
+        out = run_choice(choice, x, mixture, cells, geo, call.grad and not call.graph, call)
+        out = output_epilogue(out, bias, scale, geo.dims)
+    return (out, choice) if return_choice else out

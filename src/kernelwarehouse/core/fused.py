@@ -17,7 +17,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .. import native, tuning
 from .assembly import cells_by_output
 from .loop import loop_conv
-from .per_sample import ConvGeometry, patches
+from .per_sample import BackwardOperands, ConvGeometry, patches
 
 _packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # warehouse -> (its version, packed copy)
 
@@ -76,20 +76,13 @@ def fused_conv(
     return out.reshape(x.shape[0], *size, -1).movedim(-1, 1)
 
 
-def fused_backward(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    grad: torch.Tensor,
-    geo: ConvGeometry,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-) -> torch.Tensor:
+def fused_backward(ops: BackwardOperands) -> torch.Tensor:
     """Backward of :func:`fused_conv` on the native kernels (callers check :func:`native.applies`);
     fills grad_x and grad_mixture, returns the cells' gradient. No weight or weight gradient is built
     whole: the input gradient is the fused convolution of the output's gradient with the transposed
     weights (the warehouse packed transposed), the rest comes from tiles of the weight gradient
     (:func:`kernelwarehouse.native.fused_weight_grad`)."""
+    x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
     spatial, out_blocks, in_blocks = geo.grid
     batch, by_output = x.shape[0], cells_by_output(cells)
     with torch.enable_grad():

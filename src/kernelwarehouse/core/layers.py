@@ -17,7 +17,7 @@ from torch.nn.modules.utils import _ntuple
 
 from .attention import KWAttention
 from .assembly import assemble_by_product
-from .execution import ConvGeometry, assemble_weights, kw_conv, kw_conv_and_choice
+from .execution import ConvGeometry, assemble_weights, kw_conv
 from .per_sample import building_graph, grouped_conv, linear_per_sample, output_epilogue
 from .plan import LayerPlan, LayerSpec, plan_warehouses
 from .warehouse import Warehouse
@@ -132,8 +132,14 @@ class KWLayer(nn.Module):
             return self._scripted_convolve(x, mixture)
         if building_graph():  # no module state changes inside a traced or compiled graph
             return kw_conv(x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale)
-        out, self.last_path = kw_conv_and_choice(
-            x, mixture, self.warehouse.weight, self.bias, self._geometry, scale=self.out_scale
+        out, self.last_path = kw_conv(
+            x,
+            mixture,
+            self.warehouse.weight,
+            self.bias,
+            self._geometry,
+            scale=self.out_scale,
+            return_choice=True,
         )
         return out
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import native, tuning
 from .assembly import cells_by_output, mix_rows, rows_gradient
-from .per_sample import CONV, ConvGeometry, patches, weight_backward
+from .per_sample import CONV, BackwardOperands, ConvGeometry, patches, weight_backward
 
 
 def _sample_rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
@@ -170,22 +170,14 @@ def _patches_conv(
     return out.reshape(batch, geo.weight_shape[0], *size)
 
 
-def loop_backward(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    grad: torch.Tensor,
-    geo: ConvGeometry,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-    by_slices: bool,
-) -> torch.Tensor:
+def loop_backward(ops: BackwardOperands, by_slices: bool) -> torch.Tensor:
     """Backward of :func:`loop_conv`; fills grad_x and grad_mixture, returns the cells' gradient.
     By slices of output channels (:func:`_backward_by_slices`, which needs ``groups = 1`` and runs
     outside autocast) when ``by_slices``, else sample by sample."""
+    x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
     by_output = cells_by_output(cells)
     if by_slices and geo.groups == 1 and not _autocast(by_output):
-        grad_by_output = _backward_by_slices(x, mixture, by_output, grad, geo, grad_x, grad_mixture)
+        grad_by_output = _backward_by_slices(ops, by_output)
         return grad_by_output.transpose(0, 1).reshape(cells.shape)
     buffer = _weight_buffer(_sample_rows(mixture[0], geo), by_output)
     grad_by_output = torch.zeros(by_output.shape, dtype=by_output.dtype, device=by_output.device)
@@ -224,21 +216,15 @@ def _patch_product(x: torch.Tensor, grad: torch.Tensor, geo: ConvGeometry, out: 
     return _as_weight(out, geo)
 
 
-def _backward_by_slices(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    by_output: torch.Tensor,
-    grad: torch.Tensor,
-    geo: ConvGeometry,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-) -> torch.Tensor:
+def _backward_by_slices(ops: BackwardOperands, by_output: torch.Tensor) -> torch.Tensor:
     """The backward as matrix products over the input patches (B, L, k * c_in), a slice of output
     channels at a time with the samples inside, like :func:`loop_conv`: each slice of the warehouse
     and of its gradient is swept once for the whole batch, and each sample's slice of weight and
     weight gradient stays in cache. Per slice and sample: W = a E (assembly), dX_cols += dY^T W,
     dW = dY X_cols, da += dW E^T and dE += a^T dW. Fills grad_x and grad_mixture, returns dE as
-    (c_out, n, d); the first term of each sum is written, not added to zeros."""
+    (c_out, n, d); the first term of each sum is written, not added to zeros. ``by_output`` is the
+    warehouse as :func:`.assembly.cells_by_output` orders it."""
+    x, mixture, _, grad, geo, grad_x, grad_mixture = ops
     batch, (spatial, out_blocks, in_blocks) = x.shape[0], geo.grid
     channels, num, length = by_output.shape
     with torch.enable_grad():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tuning
-from .per_sample import ConvGeometry, batch_chunks, shifted_views
+from .per_sample import BackwardOperands, ConvGeometry, batch_chunks, shifted_views
 
 
 def _mix_features(
@@ -60,20 +60,13 @@ def mix_conv(x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: C
     return out.reshape(x.shape[0], geo.grid.out_blocks * weight.shape[0], *size)
 
 
-def mix_backward(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    grad: torch.Tensor,
-    geo: ConvGeometry,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-) -> torch.Tensor:
+def mix_backward(ops: BackwardOperands) -> torch.Tensor:
     """Backward of a KernelWarehouse convolution in the ``mix`` form, whichever path ran forward:
     the warehouse and mixed-input gradients come from one pointwise convolution backward, the rest
     by autograd through the cheap mixing; no per-sample weight is built. Works through the batch in
     chunks of :data:`kernelwarehouse.tuning.CHUNK_ELEMENTS` mixed features. Fills grad_x and
     grad_mixture, returns the cells' gradient."""
+    x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
     weight = _mix_weight(cells)
     grad_weight = torch.zeros_like(weight)
     per_sample = geo.grid.out_blocks * math.prod(grad.shape[2:]) * weight.shape[1]

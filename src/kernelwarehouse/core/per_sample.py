@@ -41,6 +41,20 @@ class ConvGeometry(NamedTuple):
         return 0 if self.linear else len(self.weight_shape) - 2
 
 
+class BackwardOperands(NamedTuple):
+    """What a backward of a KernelWarehouse convolution works on: the input ``x``, the mixture
+    weights (B, m, n), the cells, the output's gradient and the geometry; and the buffers it fills,
+    ``grad_x`` (None where x needs no gradient) and ``grad_mixture``. It returns the cells' gradient."""
+
+    x: torch.Tensor
+    mixture: torch.Tensor
+    cells: torch.Tensor
+    grad: torch.Tensor
+    geo: ConvGeometry
+    grad_x: Optional[torch.Tensor]
+    grad_mixture: torch.Tensor
+
+
 def conv_nd(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -17,6 +17,7 @@ from .loop import loop_backward, loop_conv
 from .mix import mix_backward
 from .per_sample import (
     CONV,
+    BackwardOperands,
     ConvGeometry,
     batch_chunks,
     grouped_conv,
@@ -56,32 +57,32 @@ class RecomputedWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
+    def forward(  # type: ignore[override]
         x: torch.Tensor,
         mixture: torch.Tensor,
-        cells: torch.Tensor,  # type: ignore[override]
+        cells: torch.Tensor,
         geo: ConvGeometry,
         path: str,
         loop_backward_form: str,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, mixture, cells)
-        ctx.geo, ctx.path, ctx.loop_backward_form = geo, path, loop_backward_form
-        ctx.native = native.is_enabled()  # backward uses the products forward used
         if path == "fused":
-            out = fused_conv(x, mixture, cells, geo)
-        elif path in ("loop", "patches"):
-            out = loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
-        else:
-            outs = [
-                apply_weights(
-                    x[part], assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape), geo, path
-                )
-                for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape))
-            ]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        ctx.dtype = out.dtype  # under autocast, what the products ran in; backward runs in it too
-        return out
+            return fused_conv(x, mixture, cells, geo)
+        if path in ("loop", "patches"):
+            return loop_conv(x, mixture, cells, geo, by_patches=path == "patches")
+        outs = [
+            apply_weights(
+                x[part], assemble_weights(mixture[part], cells, geo.grid, geo.weight_shape), geo, path
+            )
+            for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape))
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, mixture, cells, ctx.geo, ctx.path, ctx.loop_backward_form = inputs
+        ctx.save_for_backward(x, mixture, cells)
+        ctx.native = native.is_enabled()  # backward uses the products forward used
+        ctx.dtype = output.dtype  # under autocast, what the products ran in; backward runs in it too
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -90,48 +91,31 @@ class RecomputedWeights(torch.autograd.Function):
         x, mixture, cells = (t.to(ctx.dtype) for t in saved)
         grad = grad.to(ctx.dtype)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_mixture = torch.empty_like(mixture)
+        ops = BackwardOperands(x, mixture, cells, grad, ctx.geo, grad_x, torch.empty_like(mixture))
         with contextlib.nullcontext() if ctx.native else native.enabled(False):
-            grad_cells = _backward(ctx, x, mixture, cells, grad, grad_x, grad_mixture)
-        grads = (grad_x, grad_mixture, grad_cells)
+            grad_cells = _backward(ops, ctx.path, ctx.loop_backward_form)
+        grads = (grad_x, ops.grad_mixture, grad_cells)
         return (*(g if g is None else g.to(t.dtype) for g, t in zip(grads, saved)), None, None, None)
 
 
-def _backward(
-    ctx,
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    grad: torch.Tensor,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-) -> torch.Tensor:
-    """The backward form ``ctx`` asks for; fills grad_x and grad_mixture, returns the cells' gradient."""
-    geo: ConvGeometry = ctx.geo
-    if ctx.path not in ONE_BY_ONE:
-        return _chunked_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
-    if ctx.loop_backward_form == "tiles":
-        if native.applies(x, mixture, cells, grad):
-            return fused_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
-        return loop_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture, by_slices=True)
-    if ctx.loop_backward_form == "mix":
-        return mix_backward(x, mixture, cells, grad, geo, grad_x, grad_mixture)
-    return loop_backward(
-        x, mixture, cells, grad, geo, grad_x, grad_mixture, by_slices=ctx.loop_backward_form == "slices"
-    )
+def _backward(ops: BackwardOperands, path: str, loop_backward_form: str) -> torch.Tensor:
+    """The backward of ``path`` in the form asked for; fills grad_x and grad_mixture, returns the
+    cells' gradient."""
+    if path not in ONE_BY_ONE:
+        return _chunked_backward(ops)
+    if loop_backward_form == "tiles":
+        if native.applies(ops.x, ops.mixture, ops.cells, ops.grad):
+            return fused_backward(ops)
+        return loop_backward(ops, by_slices=True)
+    if loop_backward_form == "mix":
+        return mix_backward(ops)
+    return loop_backward(ops, by_slices=loop_backward_form == "slices")
 
 
-def _chunked_backward(
-    x: torch.Tensor,
-    mixture: torch.Tensor,
-    cells: torch.Tensor,
-    grad: torch.Tensor,
-    geo: ConvGeometry,
-    grad_x: torch.Tensor | None,
-    grad_mixture: torch.Tensor,
-) -> torch.Tensor:
+def _chunked_backward(ops: BackwardOperands) -> torch.Tensor:
     """Backward of the assembled paths, a chunk of samples at a time; fills grad_x and
     grad_mixture, returns the cells' gradient."""
+    x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
     cells2d = cells.reshape(cells.shape[0], -1)
     grad_cells = torch.zeros_like(cells2d)
     for part in batch_chunks(x.shape[0], math.prod(geo.weight_shape)):

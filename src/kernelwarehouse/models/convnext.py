@@ -10,13 +10,10 @@ reference implementation used the original ConvNeXt names (``downsample_layers``
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
 
-from .factory import Family, build, default_cfg
-from .registry import register_zoo
+from .factory import Family, default_cfg, register_zoo_models
 from .resnet import shrink_feature_info
 
 F = Fraction
@@ -76,19 +73,11 @@ CONVNEXT_TINY = Family(
     convnext_reference_names,
     timm_kwargs={"conv_mlp": True},
     feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True},
+    title="ConvNeXt-Tiny",
+    description="with 1x1-conv MLPs (``small_input=True``: a 1x1 stride-1 stem)",
 )
 # the stem is dynamic: its parameters are its warehouse's
 default_cfgs = {"kw_convnext_tiny": default_cfg(CONVNEXT_TINY, first_conv="stem.0.warehouse")}
 
 
-@register_zoo(paper={None: (28.59, 82.07)}, reference_params={None: 28589128})
-def convnext_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ConvNeXt-Tiny, timm's with 1x1-conv MLPs (``small_input=True``: a 1x1 stride-1 stem)."""
-    return build("convnext_tiny", CONVNEXT_TINY, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo(paper={F(1): (39.37, 82.51)}, reference_params={F(1): 39370674})
-@register_model
-def kw_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-ConvNeXt-Tiny at ``budget`` (default 1): timm's ConvNeXt-Tiny with KernelWarehouse convs."""
-    return build("kw_convnext_tiny", CONVNEXT_TINY, pretrained, **kwargs)
+convnext_tiny, kw_convnext_tiny = register_zoo_models(__name__, convnext_tiny=CONVNEXT_TINY)

@@ -15,10 +15,8 @@ from fractions import Fraction
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
 
-from .factory import Family, build, default_cfg
-from .registry import register_zoo
+from .factory import Family, default_cfg, register_zoo_models
 
 KINDS = ("qkv", "proj", "fc1", "fc2")
 PARTS = (("attn", KINDS[:2]), ("mlp", KINDS[2:]))
@@ -43,41 +41,24 @@ def deit_plan_options(budget: Fraction) -> dict[str, Any]:
     }
 
 
-def _family(timm_name: str) -> Family:
+def _family(timm_name: str, title: str) -> Family:
     return Family(
         timm_name,
         deit_warehouse_keys,
         deit_plan_options,
         feature_cfg={"feature_cls": "getter"},
         small_input_kwargs={"img_size": 32, "patch_size": 4},
+        title=title,
+        description=f"``{timm_name}``",
+        dynamic_layers="linears",
     )
 
 
-DEIT_TINY, DEIT_SMALL = _family("deit_tiny_patch16_224"), _family("deit_small_patch16_224")
+DEIT_TINY = _family("deit_tiny_patch16_224", "DeiT-Tiny")
+DEIT_SMALL = _family("deit_small_patch16_224", "DeiT-Small")
 default_cfgs = {"kw_deit_tiny": default_cfg(DEIT_TINY), "kw_deit_small": default_cfg(DEIT_SMALL)}
 
 
-@register_zoo()
-def deit_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """DeiT-Tiny, timm's ``deit_tiny_patch16_224``."""
-    return build("deit_tiny_patch16_224", DEIT_TINY, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo()
-def deit_small(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """DeiT-Small, timm's ``deit_small_patch16_224``."""
-    return build("deit_small_patch16_224", DEIT_SMALL, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo()
-@register_model
-def kw_deit_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-DeiT-Tiny at ``budget`` (default 1): timm's DeiT-Tiny with KernelWarehouse linears."""
-    return build("kw_deit_tiny", DEIT_TINY, pretrained, **kwargs)
-
-
-@register_zoo()
-@register_model
-def kw_deit_small(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-DeiT-Small at ``budget`` (default 1): timm's DeiT-Small with KernelWarehouse linears."""
-    return build("kw_deit_small", DEIT_SMALL, pretrained, **kwargs)
+deit_tiny, deit_small, kw_deit_tiny, kw_deit_small = register_zoo_models(
+    __name__, deit_tiny=DEIT_TINY, deit_small=DEIT_SMALL
+)

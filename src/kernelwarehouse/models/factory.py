@@ -20,12 +20,13 @@ from typing import Any, Callable, Mapping
 
 import timm
 import torch.nn as nn
-from timm.models import build_model_with_cfg, get_pretrained_cfg, register_notrace_module
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, register_notrace_module
 
 from ..core.build import STATIC_TO_KW, build_kernelwarehouse
 from ..core.plan import RATIO_NAMES
 from ..core.temperature import anneal
-from .registry import no_budget_error, parse_budget
+from .paper import PAPER, REFERENCE_PARAMS
+from .registry import no_budget_error, parse_budget, register_zoo
 
 SMALL_INPUT = 32  # the image size a ``small_input`` model's cfg states
 PLAN_OPTIONS = frozenset(RATIO_NAMES) | {"sharing_range"}
@@ -67,6 +68,9 @@ class Family:
         small_input_reduction: the final feature stride of a small-input model.
         extra_options: options timm's model lacks, each applied to the built model in place
             (``stem_width`` of a ResNet's plain stem).
+        title: the architecture's name in the models' docstrings (``"ResNet18"``).
+        description: what the static model is, after "timm's" in its docstring.
+        dynamic_layers: the layers the KernelWarehouse model makes dynamic, in its docstring.
     """
 
     timm_name: str
@@ -79,6 +83,9 @@ class Family:
     small_input_kwargs: Mapping[str, Any] = field(default_factory=dict)
     small_input_reduction: int = 8
     extra_options: Mapping[str, Callable[[nn.Module, Any], None]] = field(default_factory=dict)
+    title: str = ""
+    description: str = ""
+    dynamic_layers: str = "convs"
 
 
 for _layer in set(
@@ -167,6 +174,45 @@ def build(
     if small and not kwargs.get("features_only"):
         _small_input_cfg(model, kwargs.get("in_chans", 3), family.small_input_reduction)
     return model
+
+
+def register_zoo_models(module: str, **families: Family) -> list[Callable[..., nn.Module]]:
+    """The models of a family module, registered: for each ``name=family``, timm's static model
+    ``name`` and its KernelWarehouse version ``kw_{name}``; returned in the order they are registered,
+    the static models first.
+
+    Each is an entry point ``name(pretrained=False, **kwargs)`` building through :func:`build`,
+    registered in the zoo with its numbers in :mod:`.paper`; a KernelWarehouse
+    model is registered with timm as well (``timm.create_model``). ``module`` is the family
+    module's ``__name__``: the entry points belong to it, and timm reads its ``default_cfgs``."""
+    models = [(name, family, False) for name, family in families.items()]
+    models += [(f"kw_{name}", family, True) for name, family in families.items()]
+    entries = []
+    for name, family, dynamic in models:
+        entry = _entry_point(name if dynamic else family.timm_name, family, dynamic)
+        entry.__name__ = entry.__qualname__ = name
+        entry.__module__ = module
+        entry.__doc__ = (
+            f"KW-{family.title} at ``budget`` (default 1): timm's {family.title} with KernelWarehouse "
+            f"{family.dynamic_layers}."
+            if dynamic
+            else f"{family.title}, timm's {family.description}."
+        )
+        if dynamic:
+            entry = register_model(entry)
+        register_zoo(PAPER.get(name), REFERENCE_PARAMS.get(name))(entry)
+        entries.append(entry)
+    return entries
+
+
+def _entry_point(variant: str, family: Family, dynamic: bool) -> Callable[..., nn.Module]:
+    """``build(variant, family, ...)``: the static model with ``dynamic=False``."""
+    options = {} if dynamic else {"dynamic": False}
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return build(variant, family, pretrained, **options, **kwargs)
+
+    return entry
 
 
 def _small_input_cfg(model: nn.Module, in_chans: int, reduction: int) -> None:

@@ -15,10 +15,8 @@ from fractions import Fraction
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
 
-from .factory import Family, build, default_cfg
-from .registry import register_zoo
+from .factory import Family, default_cfg, register_zoo_models
 from .resnet import shrink_feature_info
 
 F = Fraction
@@ -111,7 +109,7 @@ def mobilenetv2_reference_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _family(timm_name: str) -> Family:
+def _family(timm_name: str, title: str) -> Family:
     return Family(
         timm_name,
         mobilenetv2_warehouse_keys,
@@ -119,10 +117,13 @@ def _family(timm_name: str) -> Family:
         mobilenetv2_small_input,
         mobilenetv2_reference_names,
         feature_cfg={"flatten_sequential": True},
+        title=title,
+        description="(``small_input=True``: stride 1 in the stem and the second row)",
     )
 
 
-MOBILENETV2_100, MOBILENETV2_050 = _family("mobilenetv2_100"), _family("mobilenetv2_050")
+MOBILENETV2_100 = _family("mobilenetv2_100", "MobileNetV2 1.0")
+MOBILENETV2_050 = _family("mobilenetv2_050", "MobileNetV2 0.5")
 # the stem is dynamic: its parameters are its warehouse's
 default_cfgs = {
     "kw_mobilenetv2_100": default_cfg(MOBILENETV2_100, first_conv="conv_stem.warehouse"),
@@ -130,33 +131,6 @@ default_cfgs = {
 }
 
 
-@register_zoo(paper={None: (3.50, 72.04)}, reference_params={None: 3504872})
-def mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """MobileNetV2 1.0, timm's (``small_input=True``: stride 1 in the stem and the second row)."""
-    return build("mobilenetv2_100", MOBILENETV2_100, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo(paper={None: (1.97, 64.32)}, reference_params={None: 1968680})
-def mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """MobileNetV2 0.5, timm's (``small_input=True``: stride 1 in the stem and the second row)."""
-    return build("mobilenetv2_050", MOBILENETV2_050, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo(
-    paper={F(1, 2): (2.65, 72.59), F(1): (5.17, 74.68), F(4): (11.38, 75.92)},
-    reference_params={F(1, 2): 2654396, F(1): 5168146, F(4): 11379382},
+mobilenetv2_100, mobilenetv2_050, kw_mobilenetv2_100, kw_mobilenetv2_050 = register_zoo_models(
+    __name__, mobilenetv2_100=MOBILENETV2_100, mobilenetv2_050=MOBILENETV2_050
 )
-@register_model
-def kw_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-MobileNetV2 1.0 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""
-    return build("kw_mobilenetv2_100", MOBILENETV2_100, pretrained, **kwargs)
-
-
-@register_zoo(
-    paper={F(1, 2): (1.47, 65.20), F(1): (2.85, 68.29), F(4): (4.65, 70.26)},
-    reference_params={F(1, 2): 1466888, F(1): 2854522, F(4): 4648587},
-)
-@register_model
-def kw_mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-MobileNetV2 0.5 at ``budget`` (default 1): timm's MobileNetV2 with KernelWarehouse convs."""
-    return build("kw_mobilenetv2_050", MOBILENETV2_050, pretrained, **kwargs)

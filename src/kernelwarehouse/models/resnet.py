@@ -12,10 +12,8 @@ from fractions import Fraction
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
 
-from .factory import Family, build, default_cfg
-from .registry import register_zoo
+from .factory import Family, default_cfg, register_zoo_models
 
 F = Fraction
 
@@ -125,59 +123,25 @@ def resnet_plan_options(budget: Fraction, nonlocal_basis: bool = False) -> dict[
 # the reference implementation trains from torchvision's initialisation: no zero-initialised last norm
 TORCHVISION_INIT = {"zero_init_last": False}
 STEM_WIDTH = {"stem_width": resnet_stem_width}
-RESNET18 = Family(
-    "resnet18",
-    resnet_warehouse_keys,
-    resnet_plan_options,
-    resnet_small_input,
-    timm_kwargs=TORCHVISION_INIT,
-    extra_options=STEM_WIDTH,
-)
-RESNET50 = Family(
-    "resnet50",
-    resnet_warehouse_keys,
-    lambda b: resnet_plan_options(b, nonlocal_basis=True),
-    resnet_small_input,
-    timm_kwargs=TORCHVISION_INIT,
-    extra_options=STEM_WIDTH,
-)
 
+
+def _family(timm_name: str, title: str, nonlocal_basis: bool = False) -> Family:
+    return Family(
+        timm_name,
+        resnet_warehouse_keys,
+        lambda budget: resnet_plan_options(budget, nonlocal_basis),
+        resnet_small_input,
+        timm_kwargs=TORCHVISION_INIT,
+        extra_options=STEM_WIDTH,
+        title=title,
+        description="(``small_input=True``: 3x3 stride-1 stem, no max-pool)",
+    )
+
+
+RESNET18, RESNET50 = _family("resnet18", "ResNet18"), _family("resnet50", "ResNet50", nonlocal_basis=True)
 default_cfgs = {"kw_resnet18": default_cfg(RESNET18), "kw_resnet50": default_cfg(RESNET50)}
 
 
-@register_zoo(paper={None: (11.69, 70.44)}, reference_params={None: 11689512})
-def resnet18(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet18, timm's (``small_input=True``: 3x3 stride-1 stem, no max-pool)."""
-    return build("resnet18", RESNET18, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo(paper={None: (25.56, 78.44)}, reference_params={None: 25557032})
-def resnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet50, timm's (``small_input=True``: 3x3 stride-1 stem, no max-pool)."""
-    return build("resnet50", RESNET50, pretrained, dynamic=False, **kwargs)
-
-
-@register_zoo(
-    paper={
-        F(1, 4): (4.08, 72.73),
-        F(1, 2): (7.43, 73.33),
-        F(1): (11.93, 74.77),
-        F(2): (23.24, 75.19),
-        F(4): (45.86, 76.05),
-    },
-    reference_params={F(1, 4): 4031768, F(1, 2): 7431044, F(1): 11932148, F(2): 23242127, F(4): 45862085},
+resnet18, resnet50, kw_resnet18, kw_resnet50 = register_zoo_models(
+    __name__, resnet18=RESNET18, resnet50=RESNET50
 )
-@register_model
-def kw_resnet18(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-ResNet18 at ``budget`` (default 1): timm's ResNet18 with KernelWarehouse convs."""
-    return build("kw_resnet18", RESNET18, pretrained, **kwargs)
-
-
-@register_zoo(
-    paper={F(1, 2): (17.64, 79.30), F(1): (28.05, 80.38), F(4): (102.02, 81.05)},
-    reference_params={F(1, 2): 17638264, F(1): 28052310, F(4): 102015144},
-)
-@register_model
-def kw_resnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """KW-ResNet50 at ``budget`` (default 1): timm's ResNet50 with KernelWarehouse convs."""
-    return build("kw_resnet50", RESNET50, pretrained, **kwargs)
