@@ -243,3 +243,17 @@ def test_bad_arguments_raise(cls):
 def test_odconv_batchnorm_batch_of_one_raises_in_training():
     with pytest.raises(ValueError, match="batch of 1"):
         ODConv2d(6, 10, 3).train()(torch.randn(1, 6, 8, 8))
+
+
+def test_baseline_layers_show_their_arguments():
+    import inspect
+
+    from kernelwarehouse.baselines import CondConv2d, DynamicConv2d, ODConv2d
+
+    conv = list(inspect.signature(torch.nn.Conv2d).parameters)[:8]
+    for layer, own in [
+        (CondConv2d, ["num_experts"]),
+        (DynamicConv2d, ["num_kernels", "reduction", "min_hidden", "temperature"]),
+        (ODConv2d, ["kernel_num", "reduction", "min_hidden", "temperature"]),
+    ]:
+        assert list(inspect.signature(layer).parameters) == conv + own

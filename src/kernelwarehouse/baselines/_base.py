@@ -3,6 +3,7 @@ sample by an attention over K and applied through the project's execution path."
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -49,7 +50,17 @@ class MixtureConv2d(nn.Module):
     """A 2-d convolution whose weight is one of ``num_kernels`` kernels or a per-sample mixture of them.
 
     ``weight`` has shape (K, C_out, C_in / groups, k_h, k_w); subclasses add the attention branch.
+    A subclass names the dataclass of its arguments, ``class CondConv2d(MixtureConv2d,
+    arguments=CondConvArguments)``, binds ``*args, **kwargs`` to it in ``__init__``, and shows its
+    signature (:func:`inspect.signature`, ``help``).
     """
+
+    def __init_subclass__(cls, arguments: type | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if arguments is not None:
+            self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            fields = inspect.signature(arguments).parameters.values()
+            cls.__init__.__signature__ = inspect.Signature([self, *fields])
 
     def __init__(self, conv: Conv2dArguments, num_kernels: int) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ class CondConvArguments(Conv2dArguments):
     num_experts: int = 4
 
 
-class CondConv2d(MixtureConv2d):
+class CondConv2d(MixtureConv2d, arguments=CondConvArguments):
     """Drop-in ``nn.Conv2d`` with ``num_experts`` kernels and a sigmoid routing function.
 
     Takes the arguments of :class:`CondConvArguments`, positionally or by name.

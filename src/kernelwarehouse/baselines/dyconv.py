@@ -31,7 +31,7 @@ class DynamicConvArguments(Conv2dArguments):
     temperature: float = 1.0
 
 
-class DynamicConv2d(MixtureConv2d):
+class DynamicConv2d(MixtureConv2d, arguments=DynamicConvArguments):
     """Drop-in ``nn.Conv2d`` with ``num_kernels`` kernels and a softmax attention with temperature.
 
     Takes the arguments of :class:`DynamicConvArguments`, positionally or by name. The attention's

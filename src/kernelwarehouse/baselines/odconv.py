@@ -92,7 +92,7 @@ class ODConvArguments(Conv2dArguments):
     temperature: float = 1.0
 
 
-class ODConv2d(MixtureConv2d):
+class ODConv2d(MixtureConv2d, arguments=ODConvArguments):
     """Drop-in ``nn.Conv2d`` with ``kernel_num`` kernels and omni-dimensional attention.
 
     Takes the arguments of :class:`ODConvArguments`, positionally or by name. ``bias`` (off in the

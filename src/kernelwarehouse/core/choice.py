@@ -199,8 +199,10 @@ def cache_file() -> Path | None:
         return None
     from .. import __version__
 
-    # the registered paths too: choices made before a path was added would never time it
-    identity = json.dumps(_machine(), sort_keys=True) + torch.__version__ + __version__ + ",".join(REGISTRY)
+    # the registered paths and their backward forms too: choices made before a path or a form was
+    # added would never time it
+    paths = ",".join(f"{name}:{'/'.join(path.backwards)}" for name, path in REGISTRY.items())
+    identity = json.dumps(_machine(), sort_keys=True) + torch.__version__ + __version__ + paths
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_dir() / f"paths-{digest}.json"
 
