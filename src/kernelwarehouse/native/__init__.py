@@ -29,6 +29,7 @@ other than Linux, with ``KERNELWAREHOUSE_NATIVE=0``, or inside ``enabled(False)`
 back to PyTorch's products, with a warning when a build was attempted and failed (a variant that fails
 to build falls back to the next one, with a warning too).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,25 @@ import torch
 from .. import tuning
 from ..cache import cache_dir
 
-__all__ = ["VARIANTS", "Kernels", "applies", "available", "cpu_features", "cpu_model", "enabled", "is_enabled",
-           "load", "mix_rows", "rows_gradient", "fused_conv", "fused_weight_grad", "pack_cells",
-           "supported_variants", "variant", "worthwhile"]
+__all__ = [
+    "VARIANTS",
+    "Kernels",
+    "applies",
+    "available",
+    "cpu_features",
+    "cpu_model",
+    "enabled",
+    "is_enabled",
+    "load",
+    "mix_rows",
+    "rows_gradient",
+    "fused_conv",
+    "fused_weight_grad",
+    "pack_cells",
+    "supported_variants",
+    "variant",
+    "worthwhile",
+]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=fast: under -std=c11 GCC would not fuse the multiply-adds
@@ -60,19 +77,42 @@ FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"
 
 VARIANTS = ("avx512", "avx2", "portable")
 # The /proc/cpuinfo flags each variant needs (x86 CPUs only; portable needs none) ...
-_NEEDS = {"avx512": frozenset({"avx512f", "avx512vl", "avx2", "fma"}), "avx2": frozenset({"avx2", "fma"}),
-          "portable": frozenset()}
+_NEEDS = {
+    "avx512": frozenset({"avx512f", "avx512vl", "avx2", "fma"}),
+    "avx2": frozenset({"avx2", "fma"}),
+    "portable": frozenset(),
+}
 # ... the vector width and register blocks of kernels.c (see there) ...
 _MACROS = {
-    "avx512": ("-DKW_LANES=16", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=4", "-DKW_GRAD_ROWS=4", "-DKW_GRAD_CELLS=4"),
-    "avx2": ("-DKW_LANES=8", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=2", "-DKW_GRAD_ROWS=3", "-DKW_GRAD_CELLS=3"),
-    "portable": ("-DKW_LANES=4", "-DKW_MIX_ROWS=6", "-DKW_MIX_VECTORS=2", "-DKW_GRAD_ROWS=3", "-DKW_GRAD_CELLS=3"),
+    "avx512": (
+        "-DKW_LANES=16",
+        "-DKW_MIX_ROWS=6",
+        "-DKW_MIX_VECTORS=4",
+        "-DKW_GRAD_ROWS=4",
+        "-DKW_GRAD_CELLS=4",
+    ),
+    "avx2": (
+        "-DKW_LANES=8",
+        "-DKW_MIX_ROWS=6",
+        "-DKW_MIX_VECTORS=2",
+        "-DKW_GRAD_ROWS=3",
+        "-DKW_GRAD_CELLS=3",
+    ),
+    "portable": (
+        "-DKW_LANES=4",
+        "-DKW_MIX_ROWS=6",
+        "-DKW_MIX_VECTORS=2",
+        "-DKW_GRAD_ROWS=3",
+        "-DKW_GRAD_CELLS=3",
+    ),
 }
 # ... and its instruction-set flags: the first set the compiler takes is used. The ISA is named feature by
 # feature (not -march=native) so that a library runs on every CPU with the flags in _NEEDS.
 _ISA = {
-    "avx512": (("-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mtune=native"),
-               ("-mavx512f", "-mavx512vl", "-mavx2", "-mfma")),
+    "avx512": (
+        ("-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mtune=native"),
+        ("-mavx512f", "-mavx512vl", "-mavx2", "-mfma"),
+    ),
     "avx2": (("-mavx2", "-mfma", "-mtune=native"), ("-mavx2", "-mfma")),
     "portable": ((),),
 }
@@ -124,14 +164,18 @@ def load(name: str) -> Kernels | None:
     _check_name(name, "load")
     supported = supported_variants()
     if name not in supported:
-        raise ValueError(f"kernelwarehouse: this CPU cannot run the {name} kernels ({_lacking(name)}); it runs "
-                         f"{', '.join(supported)}")
+        raise ValueError(
+            f"kernelwarehouse: this CPU cannot run the {name} kernels ({_lacking(name)}); it runs "
+            f"{', '.join(supported)}"
+        )
     compiler = _compiler()
     if compiler is None or not sys.platform.startswith("linux"):
         return None
     kernels = _attempt(name, compiler, _cache())
     if isinstance(kernels, str):
-        warnings.warn(f"kernelwarehouse: the {name} kernels failed to build ({kernels})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"kernelwarehouse: the {name} kernels failed to build ({kernels})", RuntimeWarning, stacklevel=2
+        )
         return None
     return kernels
 
@@ -155,8 +199,9 @@ def applies(*tensors: torch.Tensor) -> bool:
     return available()
 
 
-def mix_rows(rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None,
-             accumulate: bool = False) -> torch.Tensor:
+def mix_rows(
+    rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """``out[c] = rows @ by_output[c]`` for (r, n) rows and (c, n, d) cells, into ``out`` (c, r, d)
     when given, or ``out[c] += ...`` with ``accumulate``. Callers check :func:`applies` first."""
     return _loaded().mix_rows(rows, by_output, out, accumulate)
@@ -169,28 +214,37 @@ def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
 
 
 def pack_cells(by_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """(c_out, n, d) cells (any strides), stored by output channel, in the order :func:`fused_conv` reads them:
-    (c_out / channels rounded up, d, n, channels), zeros past c_out. Callers check :func:`applies` first."""
+    """(c_out, n, d) cells (any strides), stored by output channel, in the order :func:`fused_conv`
+    reads them: (c_out / channels rounded up, d, n, channels), zeros past c_out. Callers check
+    :func:`applies` first."""
     return _loaded().pack_cells(by_output, channels)
 
 
-def fused_conv(cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int,
-               tile_floats: int) -> torch.Tensor:
-    """``out[b] = cols[b] @ W_b^T``, each sample's weight assembled a tile at a time in cache and used at once:
-    ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]``. ``cols``: (B, L, Q * d)
-    patches, rows contiguous; ``rows``: (B, out blocks, Q, n) mixture weights; ``packed``: the cells from
-    :func:`pack_cells`. Returns (B, L, out blocks * c_out). ``tile_floats`` bounds the floats of cells and
-    assembled weights one thread keeps in cache. Callers check :func:`applies` first."""
+def fused_conv(
+    cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int, tile_floats: int
+) -> torch.Tensor:
+    """``out[b] = cols[b] @ W_b^T``, each sample's weight assembled a tile at a time in cache and used
+    at once: ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]``.
+    ``cols``: (B, L, Q * d) patches, rows contiguous; ``rows``: (B, out blocks, Q, n) mixture
+    weights; ``packed``: the cells from :func:`pack_cells`. Returns (B, L, out blocks * c_out).
+    ``tile_floats`` bounds the floats of cells and assembled weights one thread keeps in cache.
+    Callers check :func:`applies` first."""
     return _loaded().fused_conv(cols, rows, packed, c_out, tile_floats)
 
 
-def fused_weight_grad(cols: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, by_output: torch.Tensor,
-                      channels: int, tile_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mixture and cell gradients of :func:`fused_conv` from ``grad`` (B, out blocks * c_out, L), the
-    output's gradient, without building any whole weight gradient: with ``dW_b = grad[b] @ cols[b]``, the rows'
-    gradient ``sum dW_b * cells`` (B, out blocks, Q, n) and the cells' ``sum rows * dW_b`` (c_out, n, d). Tiles of
-    ``channels`` cell channels; ``tile_floats`` bounds the floats of weight-gradient tiles one thread keeps in
-    cache. Callers check :func:`applies` first."""
+def fused_weight_grad(
+    cols: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    by_output: torch.Tensor,
+    channels: int,
+    tile_floats: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture and cell gradients of :func:`fused_conv` from ``grad`` (B, out blocks * c_out, L),
+    the output's gradient, without building any whole weight gradient: with ``dW_b = grad[b] @
+    cols[b]``, the rows' gradient ``sum dW_b * cells`` (B, out blocks, Q, n) and the cells' ``sum rows
+    * dW_b`` (c_out, n, d). Tiles of ``channels`` cell channels; ``tile_floats`` bounds the floats of
+    weight-gradient tiles one thread keeps in cache. Callers check :func:`applies` first."""
     return _loaded().fused_weight_grad(cols, grad, rows, by_output, channels, tile_floats)
 
 
@@ -202,29 +256,104 @@ class Kernels:
         self.variant, self.path = variant, path
         library = ctypes.CDLL(str(path))
         size, pointer = ctypes.c_long, ctypes.c_void_p
-        library.kw_mix_rows.argtypes = [pointer, size, ctypes.c_int, pointer, size, size, size, size, pointer, size,
-                                        size, ctypes.c_int, ctypes.c_int]
+        library.kw_mix_rows.argtypes = [
+            pointer,
+            size,
+            ctypes.c_int,
+            pointer,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            size,
+            size,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         library.kw_mix_rows.restype = None
-        library.kw_rows_gradient.argtypes = [pointer, size, size, size, pointer, ctypes.c_int, size, size, size,
-                                             size, pointer, ctypes.c_int]
+        library.kw_rows_gradient.argtypes = [
+            pointer,
+            size,
+            size,
+            size,
+            pointer,
+            ctypes.c_int,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            ctypes.c_int,
+        ]
         library.kw_rows_gradient.restype = None
-        library.kw_fused_conv.argtypes = [pointer, size, size, size, size, pointer, size, size, ctypes.c_int, pointer,
-                                          size, size, pointer, size, size, ctypes.c_int]
+        library.kw_fused_conv.argtypes = [
+            pointer,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            size,
+            size,
+            ctypes.c_int,
+            pointer,
+            size,
+            size,
+            pointer,
+            size,
+            size,
+            ctypes.c_int,
+        ]
         library.kw_fused_conv.restype = None
-        library.kw_pack_cells.argtypes = [pointer, size, ctypes.c_int, size, size, size, size, pointer, size,
-                                          ctypes.c_int]
+        library.kw_pack_cells.argtypes = [
+            pointer,
+            size,
+            ctypes.c_int,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            size,
+            ctypes.c_int,
+        ]
         library.kw_pack_cells.restype = None
-        library.kw_fused_weight_grad.argtypes = [pointer, size, size, size, size, pointer, pointer, size, size,
-                                                 ctypes.c_int, pointer, size, size, size, size, pointer, pointer, size,
-                                                 size, ctypes.c_int]
+        library.kw_fused_weight_grad.argtypes = [
+            pointer,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            pointer,
+            size,
+            size,
+            ctypes.c_int,
+            pointer,
+            size,
+            size,
+            size,
+            size,
+            pointer,
+            pointer,
+            size,
+            size,
+            ctypes.c_int,
+        ]
         library.kw_fused_weight_grad.restype = ctypes.c_int
         self._library = library
 
     def __repr__(self) -> str:
         return f"Kernels({self.variant!r}, {str(self.path)!r})"
 
-    def mix_rows(self, rows: torch.Tensor, by_output: torch.Tensor, out: torch.Tensor | None = None,
-                 accumulate: bool = False) -> torch.Tensor:
+    def mix_rows(
+        self,
+        rows: torch.Tensor,
+        by_output: torch.Tensor,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
         """:func:`mix_rows` of this variant."""
         channels, num, length = by_output.shape
         rows = rows.contiguous()
@@ -235,28 +364,54 @@ class Kernels:
                 raise ValueError("mix_rows: accumulate needs out")
             out = torch.empty(channels, rows.shape[0], length, dtype=rows.dtype)
         if rows.shape[1] != num or out.shape != (channels, rows.shape[0], length) or out.stride(2) != 1:
-            raise ValueError(f"mix_rows: rows {tuple(rows.shape)}, cells {tuple(by_output.shape)} and out "
-                             f"{tuple(out.shape)} do not fit")
+            raise ValueError(
+                f"mix_rows: rows {tuple(rows.shape)}, cells {tuple(by_output.shape)} and out "
+                f"{tuple(out.shape)} do not fit"
+            )
         if out.numel():
-            self._library.kw_mix_rows(rows.data_ptr(), rows.shape[0], num, by_output.data_ptr(), channels,
-                                      by_output.stride(0), by_output.stride(1), length, out.data_ptr(),
-                                      out.stride(0), out.stride(1), int(accumulate), torch.get_num_threads())
+            self._library.kw_mix_rows(
+                rows.data_ptr(),
+                rows.shape[0],
+                num,
+                by_output.data_ptr(),
+                channels,
+                by_output.stride(0),
+                by_output.stride(1),
+                length,
+                out.data_ptr(),
+                out.stride(0),
+                out.stride(1),
+                int(accumulate),
+                torch.get_num_threads(),
+            )
         return out
 
     def rows_gradient(self, grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
         """:func:`rows_gradient` of this variant."""
         channels, num, length = by_output.shape
         if grad.shape[0] != channels or grad.shape[2] != length:
-            raise ValueError(f"rows_gradient: grad {tuple(grad.shape)} does not fit cells {tuple(by_output.shape)}")
+            raise ValueError(
+                f"rows_gradient: grad {tuple(grad.shape)} does not fit cells {tuple(by_output.shape)}"
+            )
         grad = grad if grad.stride(2) == 1 else grad.contiguous()
         by_output = by_output if by_output.stride(2) == 1 else by_output.contiguous()
         out = torch.empty(grad.shape[1], num, dtype=grad.dtype)
         if out.numel():
-            self._library.kw_rows_gradient(grad.data_ptr(), grad.shape[1], grad.stride(0), grad.stride(1),
-                                           by_output.data_ptr(), num, by_output.stride(0), by_output.stride(1),
-                                           channels, length, out.data_ptr(), torch.get_num_threads())
+            self._library.kw_rows_gradient(
+                grad.data_ptr(),
+                grad.shape[1],
+                grad.stride(0),
+                grad.stride(1),
+                by_output.data_ptr(),
+                num,
+                by_output.stride(0),
+                by_output.stride(1),
+                channels,
+                length,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
         return out
-
 
     def pack_cells(self, by_output: torch.Tensor, channels: int) -> torch.Tensor:
         """:func:`pack_cells` of this variant."""
@@ -264,21 +419,42 @@ class Kernels:
         blocks = -(-c_out // channels)
         packed = torch.empty(blocks, length, num, channels, dtype=by_output.dtype)
         if packed.numel():
-            self._library.kw_pack_cells(by_output.data_ptr(), c_out, num, length, *by_output.stride(),
-                                        packed.data_ptr(), channels, torch.get_num_threads())
+            self._library.kw_pack_cells(
+                by_output.data_ptr(),
+                c_out,
+                num,
+                length,
+                *by_output.stride(),
+                packed.data_ptr(),
+                channels,
+                torch.get_num_threads(),
+            )
         return packed
 
-    def fused_weight_grad(self, cols: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor,
-                          by_output: torch.Tensor, channels: int,
-                          tile_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_weight_grad(
+        self,
+        cols: torch.Tensor,
+        grad: torch.Tensor,
+        rows: torch.Tensor,
+        by_output: torch.Tensor,
+        channels: int,
+        tile_floats: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`fused_weight_grad` of this variant."""
         batch, positions, width = cols.shape
         _, out_blocks, col_blocks, num = rows.shape
         c_out, cells_num, length = by_output.shape
-        if (cols.stride(2) != 1 or rows.shape[0] != batch or cells_num != num or col_blocks * length != width
-                or grad.shape != (batch, out_blocks * c_out, positions)):
-            raise ValueError(f"fused_weight_grad: patches {tuple(cols.shape)}, output gradient {tuple(grad.shape)}, "
-                             f"rows {tuple(rows.shape)} and cells {tuple(by_output.shape)} do not fit")
+        if (
+            cols.stride(2) != 1
+            or rows.shape[0] != batch
+            or cells_num != num
+            or col_blocks * length != width
+            or grad.shape != (batch, out_blocks * c_out, positions)
+        ):
+            raise ValueError(
+                f"fused_weight_grad: patches {tuple(cols.shape)}, output gradient {tuple(grad.shape)}, "
+                f"rows {tuple(rows.shape)} and cells {tuple(by_output.shape)} do not fit"
+            )
         grad = grad.contiguous()
         rows_t = rows.reshape(-1, num).t().contiguous()
         if by_output.stride(2) != 1:
@@ -287,32 +463,72 @@ class Kernels:
         grad_cells = torch.empty(c_out, num, length, dtype=cols.dtype)
         if grad_rows.numel() and grad_cells.numel():
             failed = self._library.kw_fused_weight_grad(
-                cols.data_ptr(), batch, positions, cols.stride(0), cols.stride(1), grad.data_ptr(),
-                rows_t.data_ptr(), out_blocks, col_blocks, num, by_output.data_ptr(), length, c_out,
-                by_output.stride(0), by_output.stride(1), grad_rows.data_ptr(), grad_cells.data_ptr(), channels,
-                tile_floats, torch.get_num_threads())
+                cols.data_ptr(),
+                batch,
+                positions,
+                cols.stride(0),
+                cols.stride(1),
+                grad.data_ptr(),
+                rows_t.data_ptr(),
+                out_blocks,
+                col_blocks,
+                num,
+                by_output.data_ptr(),
+                length,
+                c_out,
+                by_output.stride(0),
+                by_output.stride(1),
+                grad_rows.data_ptr(),
+                grad_cells.data_ptr(),
+                channels,
+                tile_floats,
+                torch.get_num_threads(),
+            )
             if failed:
                 raise MemoryError("fused_weight_grad: out of memory for the weight-gradient tiles")
         else:
             grad_rows.zero_(), grad_cells.zero_()
         return grad_rows, grad_cells
 
-    def fused_conv(self, cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int,
-                   tile_floats: int) -> torch.Tensor:
+    def fused_conv(
+        self, cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int, tile_floats: int
+    ) -> torch.Tensor:
         """:func:`fused_conv` of this variant."""
         batch, positions, width = cols.shape
         _, out_blocks, col_blocks, num = rows.shape
         blocks, length, packed_num, channels = packed.shape
-        if (cols.stride(2) != 1 or rows.shape[0] != batch or packed_num != num or col_blocks * length != width
-                or blocks != -(-c_out // channels)):
-            raise ValueError(f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and packed cells "
-                             f"{tuple(packed.shape)} for {c_out} output channels do not fit")
+        if (
+            cols.stride(2) != 1
+            or rows.shape[0] != batch
+            or packed_num != num
+            or col_blocks * length != width
+            or blocks != -(-c_out // channels)
+        ):
+            raise ValueError(
+                f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and packed cells "
+                f"{tuple(packed.shape)} for {c_out} output channels do not fit"
+            )
         rows = rows.contiguous()
         out = torch.empty(batch, positions, out_blocks * c_out, dtype=cols.dtype)
         if out.numel():
-            self._library.kw_fused_conv(cols.data_ptr(), batch, positions, cols.stride(0), cols.stride(1),
-                                        rows.data_ptr(), out_blocks, col_blocks, num, packed.data_ptr(), length, c_out,
-                                        out.data_ptr(), channels, tile_floats, torch.get_num_threads())
+            self._library.kw_fused_conv(
+                cols.data_ptr(),
+                batch,
+                positions,
+                cols.stride(0),
+                cols.stride(1),
+                rows.data_ptr(),
+                out_blocks,
+                col_blocks,
+                num,
+                packed.data_ptr(),
+                length,
+                c_out,
+                out.data_ptr(),
+                channels,
+                tile_floats,
+                torch.get_num_threads(),
+            )
         return out
 
 
@@ -333,16 +549,22 @@ def _library() -> Kernels | None:
     if compiler is None:
         return None
     failures = []
-    for name in supported[supported.index(wanted):]:   # a variant that fails to build: the next one
+    for name in supported[supported.index(wanted) :]:  # a variant that fails to build: the next one
         kernels = _attempt(name, compiler, _cache())
         if isinstance(kernels, Kernels):
             if failures:
-                warnings.warn(f"kernelwarehouse: using the {name} kernels, as {'; '.join(failures)}", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"kernelwarehouse: using the {name} kernels, as {'; '.join(failures)}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return kernels
         failures.append(f"the {name} kernels failed to build ({kernels})")
-    warnings.warn(f"kernelwarehouse: native kernels unavailable, using PyTorch's products ({'; '.join(failures)})",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"kernelwarehouse: native kernels unavailable, using PyTorch's products ({'; '.join(failures)})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return None
 
 
@@ -354,15 +576,21 @@ def _requested() -> str:
         return supported[0]
     _check_name(name, "KERNELWAREHOUSE_ISA")
     if name not in supported:
-        warnings.warn(f"kernelwarehouse: KERNELWAREHOUSE_ISA={name}, but this CPU cannot run it ({_lacking(name)}); "
-                      f"using the {supported[0]} kernels", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"kernelwarehouse: KERNELWAREHOUSE_ISA={name}, but this CPU cannot run it ({_lacking(name)}); "
+            f"using the {supported[0]} kernels",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return supported[0]
     return name
 
 
 def _check_name(name: str, where: str) -> None:
     if name not in VARIANTS:
-        raise ValueError(f"kernelwarehouse: {where}: unknown variant {name!r}, valid ones are {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"kernelwarehouse: {where}: unknown variant {name!r}, valid ones are {', '.join(VARIANTS)}"
+        )
 
 
 def _lacking(name: str) -> str:
@@ -384,7 +612,8 @@ def _select_variant(flags: str, machine: str = "x86_64") -> str:
 
 @functools.lru_cache(maxsize=None)
 def _attempt(name: str, compiler: str, cache: Path) -> Kernels | str:
-    """The kernels of a variant, or why they could not be built (remembered: a failed build is not retried)."""
+    """The kernels of a variant, or why they could not be built (remembered: a failed build is not
+    retried)."""
     try:
         return Kernels(name, _build(compiler, name, cache))
     except (OSError, subprocess.SubprocessError) as error:
@@ -401,7 +630,7 @@ def _cache() -> Path:
 
 def _isa_flags(name: str) -> tuple[tuple[str, ...], ...]:
     if name == "portable" and platform.machine().lower() in ("aarch64", "arm64"):
-        return (("-mcpu=native",), ())   # -mcpu=native where the compiler takes it
+        return (("-mcpu=native",), ())  # -mcpu=native where the compiler takes it
     return _ISA[name]
 
 
@@ -414,7 +643,13 @@ def _build(compiler: str, variant: str, cache: Path | None = None) -> Path:
     for isa in _isa_flags(variant):
         flags = (*FLAGS, *_MACROS[variant], *isa)
         key = hashlib.sha256()
-        for part in (source, compiler.encode(), variant.encode(), " ".join(flags).encode(), cpu_features().encode()):
+        for part in (
+            source,
+            compiler.encode(),
+            variant.encode(),
+            " ".join(flags).encode(),
+            cpu_features().encode(),
+        ):
             key.update(part)
         builds.append((flags, cache / f"kernels-{variant}-{key.hexdigest()[:16]}.so"))
     for flags, target in builds:
@@ -426,12 +661,13 @@ def _build(compiler: str, variant: str, cache: Path | None = None) -> Path:
         handle, partial = tempfile.mkstemp(dir=cache, suffix=".so.partial")
         os.close(handle)
         try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                                  timeout=300)
+            done = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
+            )
             if done.returncode == 0:
                 os.replace(partial, target)  # atomic: processes building at once each leave a whole file
                 return target
-            errors.append(f"{compiler} {' '.join(flags[len(FLAGS):])} failed: {done.stderr.strip()[-300:]}")
+            errors.append(f"{compiler} {' '.join(flags[len(FLAGS) :])} failed: {done.stderr.strip()[-300:]}")
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
