@@ -468,8 +468,8 @@ def test_fused_path_in_float32_equals_reference_in_float64(case):
 
 @pytest.mark.skipif(not kw.native.available(), reason="the fused path runs on the native kernels")
 def test_fused_path_follows_every_change_of_the_warehouse():
-    """The packed copy of the warehouse the fused kernel reads is rebuilt whenever the warehouse
-    changes: an optimizer step, a loaded state dict."""
+    """The fused kernel reads the warehouse as it is at each call: after an optimizer step, after a
+    loaded state dict."""
     torch.manual_seed(4)
     layer = kw.KWConv2d(16, 32, 3, padding=1).eval()
     x = torch.randn(3, 16, 8, 8)

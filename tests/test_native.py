@@ -467,14 +467,16 @@ def test_fused_conv_matches_float64(
     cols = torch.randn(batch, positions, col_blocks * length + 3)[:, :, 2:-1]  # rows strided
     rows = torch.randn(batch, out_blocks, col_blocks, num)
     cells = torch.randn(num, c_out, length).transpose(0, 1)  # (c_out, n, d), a warehouse's view
-    packed = kernels.pack_cells(cells, 64)
-    assert packed.shape == (-(-c_out // 64), length, num, 64)
     want = fused_want(cols, rows, cells)
     magnitude = fused_want(cols.abs(), rows.abs(), cells.abs())
-    for tile_floats in (1, 4096, 1 << 19):  # weight columns 8 at a time, a few dozen, all at once
-        got = kernels.fused_conv(cols, rows, packed, c_out, tile_floats)
-        assert got.shape == (batch, positions, out_blocks * c_out)
-        assert error_of_sums(got, want, magnitude) < 1e-6, tile_floats
+    contiguous_channels = (
+        cells.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    )  # a transposed warehouse's view
+    for view in (cells, contiguous_channels):
+        for tile_floats in (1, 4096, 1 << 19):  # weight columns 8 at a time, a few dozen, all at once
+            got = kernels.fused_conv(cols, rows, view, 64, tile_floats)
+            assert got.shape == (batch, positions, out_blocks * c_out)
+            assert error_of_sums(got, want, magnitude) < 1e-6, tile_floats
 
 
 @needs_kernels
@@ -521,22 +523,12 @@ def test_fused_weight_grad_matches_float64_and_repeats_exactly(
 
 
 @needs_kernels
-def test_pack_cells_reads_any_strides():
-    kernels = native.load(native.variant())
-    cells = torch.randn(5, 70, 9)  # (n, c_out, d)
-    for view in (cells.transpose(0, 1), cells.permute(2, 0, 1), cells.transpose(0, 1).contiguous()):
-        packed = kernels.pack_cells(view, 64)  # (blocks, d, n, 64)
-        c_out = view.shape[0]
-        unpacked = packed.permute(0, 3, 2, 1).reshape(-1, view.shape[1], view.shape[2])
-        assert torch.equal(unpacked[:c_out], view) and not unpacked[c_out:].any()
-
-
-@needs_kernels
 def test_fused_conv_refuses_shapes_that_do_not_fit():
     kernels = native.load(native.variant())
-    cells = torch.randn(8, 3, 5)
-    packed = kernels.pack_cells(cells, 64)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.fused_conv(torch.randn(2, 4, 11), torch.randn(2, 1, 2, 3), packed, 8, 1 << 19)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.fused_conv(torch.randn(2, 4, 10), torch.randn(2, 1, 2, 3), packed, 80, 1 << 19)
+    cells = torch.randn(8, 3, 5)  # (c_out, n, d)
+    with pytest.raises(ValueError, match="do not fit"):  # two column blocks of 5 are 10 columns
+        kernels.fused_conv(torch.randn(2, 4, 11), torch.randn(2, 1, 2, 3), cells, 64, 1 << 19)
+    with pytest.raises(ValueError, match="do not fit"):  # 4 cells where the warehouse has 3
+        kernels.fused_conv(torch.randn(2, 4, 10), torch.randn(2, 1, 2, 4), cells, 64, 1 << 19)
+    with pytest.raises(ValueError, match="do not fit"):  # rows of another batch
+        kernels.fused_conv(torch.randn(2, 4, 10), torch.randn(3, 1, 2, 3), cells, 64, 1 << 19)

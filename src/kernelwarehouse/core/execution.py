@@ -31,11 +31,13 @@ function along one of several *paths*, all equal up to float rounding. Each is o
     ``loop:mix`` (the mix form, no weight built). On CPU the products with a small inner dimension
     run on the native kernels of :mod:`kernelwarehouse.native`.
 ``fused``  (:mod:`.fused`; CPU, float32, native kernels, groups 1)
-    per block of output channels, a slice of the warehouse (a packed copy, rebuilt when the warehouse
-    changes) stays in cache while every sample's weight tiles are mixed from it, and each tile meets
-    the sample's input patches at once (:func:`kernelwarehouse.native.fused_conv`): no weight is
-    written to memory and the warehouse is read once per call. The output is channels-last. Its
-    training form recomputes in backward and takes the ``loop`` path's backward forms.
+    per block of output channels, a slice of the warehouse is gathered into a tile that stays in
+    cache while every sample's weight tiles are mixed from it, and each tile meets the sample's
+    input patches at once (:func:`kernelwarehouse.native.fused_conv`): no weight is written to
+    memory and the warehouse is read once per call. The output is channels-last. Its own backward
+    (``fused:tiles``, the default) builds no weight or weight gradient whole either: the input
+    gradient is the same kernel on a transposed view of the warehouse, the mixture and cell
+    gradients come from tiles of the weight gradient; the ``loop`` path's forms serve too.
 ``triton``  (:mod:`.triton_conv`, imported when it first runs; CUDA devices with Triton)
     fused GPU kernels: an implicit-GEMM convolution per sample that assembles each weight tile in
     registers right before using it, so no per-sample weight reaches memory; its backward assembles

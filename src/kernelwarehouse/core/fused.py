@@ -2,8 +2,8 @@
 native kernels and applied at once to the sample's input patches, so that no whole weight is ever
 written to memory, and the warehouse is read once per call for the whole batch.
 
-Per block of output channels, a slice of the warehouse (in a packed copy, :func:`packed_cells`) stays in
-cache while the tiles of every sample and kernel position are mixed from it; each tile then meets the
+Per block of output channels, a slice of the warehouse is gathered into a tile that stays in cache
+while the weight tiles of every sample and kernel position are mixed from it; each tile then meets the
 sample's patches in registers (:func:`kernelwarehouse.native.fused_conv`). The output comes channels-last.
 """
 
@@ -18,8 +18,6 @@ from .. import native, tuning
 from .assembly import cells_by_output
 from .loop import loop_conv
 from .per_sample import BackwardOperands, ConvGeometry, patches
-
-_packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # warehouse -> (its version, packed copy)
 
 
 def fused_supported(geo: ConvGeometry, cells_shape: tuple[int, ...], dtype: str, device: str) -> bool:
@@ -36,22 +34,6 @@ def fused_supported(geo: ConvGeometry, cells_shape: tuple[int, ...], dtype: str,
     )
 
 
-def packed_cells(cells: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """The warehouse in the order the fused kernel reads it, built once per version of its values (an
-    optimizer step or a load builds it again). ``transposed``: with the roles of a cell's input and
-    output channels swapped, for the input gradient."""
-    key = (cells._version, cells.data_ptr(), tuning.FUSED_CHANNELS)
-    cached = _packed.get(cells)
-    if cached is None or cached[0] != key:
-        cached = _packed[cells] = (key, {})
-    by_transposed = cached[1]
-    if transposed not in by_transposed:
-        by_output = cells_by_output(cells.detach())
-        source = by_output.permute(2, 1, 0) if transposed else by_output
-        by_transposed[transposed] = native.pack_cells(source, tuning.FUSED_CHANNELS)
-    return by_transposed[transposed]
-
-
 def _rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """(B, m, n) mixture weights as (B, output blocks, spatial * input blocks, n): the rows of each
     block of output channels, by column block of the weight."""
@@ -60,19 +42,37 @@ def _rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     return rows.reshape(mixture.shape[0], out_blocks, spatial * in_blocks, -1)
 
 
+_kept: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # warehouse -> (its version, a copy)
+
+
+def kept_cells(cells: torch.Tensor) -> torch.Tensor:
+    """The warehouse as (c_out, n, d) cells whose output channels are contiguous, from a copy kept
+    while the warehouse's values stay the same (an optimizer step or a load makes a new one): the
+    fused kernel gathers its tiles from it in runs of channels, not element by element. For
+    inference, where a warehouse serves call after call; training reads the warehouse itself."""
+    key = (cells._version, cells.data_ptr())
+    kept = _kept.get(cells)
+    if kept is None or kept[0] != key:
+        by_output = cells_by_output(cells.detach())
+        kept = _kept[cells] = (key, by_output.permute(1, 2, 0).contiguous())  # (n, d, c_out)
+    return kept[1].permute(2, 0, 1)
+
+
 def fused_conv(
-    x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry
+    x: torch.Tensor, mixture: torch.Tensor, cells: torch.Tensor, geo: ConvGeometry, keep: bool = False
 ) -> torch.Tensor:
     """The convolution of ``x`` with the weights assembled from ``mixture`` and ``cells``, without bias;
     where the native kernels do not apply (recording a gradient, ``native.enabled(False)``), the
-    ``patches`` form of the ``loop`` path computes it."""
+    ``patches`` form of the ``loop`` path computes it. ``keep``: read the warehouse from
+    :func:`kept_cells` (inference)."""
     if not native.applies(x, mixture, cells):
         return loop_conv(x, mixture, cells, geo, by_patches=True)
     cols, size = patches(x, geo, kernel_first=geo.grid.spatial > 1)
     if cols.stride(2) != 1:
         cols = cols.contiguous()
     rows = _rows(mixture, geo)
-    out = native.fused_conv(cols, rows, packed_cells(cells), cells.shape[1], tuning.FUSED_TILE_FLOATS)
+    by_output = kept_cells(cells) if keep else cells_by_output(cells)
+    out = native.fused_conv(cols, rows, by_output, tuning.FUSED_CHANNELS, tuning.FUSED_TILE_FLOATS)
     return out.reshape(x.shape[0], *size, -1).movedim(-1, 1)
 
 
@@ -80,7 +80,7 @@ def fused_backward(ops: BackwardOperands) -> torch.Tensor:
     """Backward of :func:`fused_conv` on the native kernels (callers check :func:`native.applies`);
     fills grad_x and grad_mixture, returns the cells' gradient. No weight or weight gradient is built
     whole: the input gradient is the fused convolution of the output's gradient with the transposed
-    weights (the warehouse packed transposed), the rest comes from tiles of the weight gradient
+    weights (a transposed view of the warehouse), the rest comes from tiles of the weight gradient
     (:func:`kernelwarehouse.native.fused_weight_grad`)."""
     x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
     spatial, out_blocks, in_blocks = geo.grid
@@ -93,11 +93,11 @@ def fused_backward(ops: BackwardOperands) -> torch.Tensor:
     by_position = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
     if grad_x is not None:
         channels_last = by_position.transpose(1, 2).contiguous()
-        grad_cols = native.fused_conv(
+        grad_cols = native.fused_conv(  # the roles of a cell's input and output channels swapped
             channels_last,
             rows.transpose(1, 2).contiguous(),
-            packed_cells(cells, transposed=True),
-            by_output.shape[2],
+            by_output.permute(2, 1, 0),
+            tuning.FUSED_CHANNELS,
             tuning.FUSED_TILE_FLOATS,
         )
         grad_x.copy_(torch.autograd.grad(cols, inputs, grad_cols)[0])

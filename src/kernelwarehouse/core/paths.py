@@ -168,7 +168,7 @@ def _one_by_one(path: str) -> Forward:
 def _fused(x, mixture, cells, geo, backward, lean):
     if lean:
         return RecomputedWeights.apply(x, mixture, cells, geo, "fused", backward)
-    return fused_conv(x, mixture, cells, geo)
+    return fused_conv(x, mixture, cells, geo, keep=True)
 
 
 def _triton(x, mixture, cells, geo, backward, lean):

@@ -65,7 +65,6 @@ __all__ = [
     "rows_gradient",
     "fused_conv",
     "fused_weight_grad",
-    "pack_cells",
     "supported_variants",
     "variant",
     "worthwhile",
@@ -213,23 +212,16 @@ def rows_gradient(grad: torch.Tensor, by_output: torch.Tensor) -> torch.Tensor:
     return _loaded().rows_gradient(grad, by_output)
 
 
-def pack_cells(by_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """(c_out, n, d) cells (any strides), stored by output channel, in the order :func:`fused_conv`
-    reads them: (c_out / channels rounded up, d, n, channels), zeros past c_out. Callers check
-    :func:`applies` first."""
-    return _loaded().pack_cells(by_output, channels)
-
-
 def fused_conv(
-    cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int, tile_floats: int
+    cols: torch.Tensor, rows: torch.Tensor, by_output: torch.Tensor, channels: int, tile_floats: int
 ) -> torch.Tensor:
     """``out[b] = cols[b] @ W_b^T``, each sample's weight assembled a tile at a time in cache and used
-    at once: ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]``.
+    at once: ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * by_output[c, j, e]``.
     ``cols``: (B, L, Q * d) patches, rows contiguous; ``rows``: (B, out blocks, Q, n) mixture
-    weights; ``packed``: the cells from :func:`pack_cells`. Returns (B, L, out blocks * c_out).
-    ``tile_floats`` bounds the floats of cells and assembled weights one thread keeps in cache.
-    Callers check :func:`applies` first."""
-    return _loaded().fused_conv(cols, rows, packed, c_out, tile_floats)
+    weights; ``by_output``: (c_out, n, d) cells, any strides. Returns (B, L, out blocks * c_out).
+    Blocks of ``channels`` output channels; ``tile_floats`` bounds the floats of cells and assembled
+    weights one thread keeps in cache. Callers check :func:`applies` first."""
+    return _loaded().fused_conv(cols, rows, by_output, channels, tile_floats)
 
 
 def fused_weight_grad(
@@ -300,25 +292,15 @@ class Kernels:
             pointer,
             size,
             size,
+            size,
+            size,
+            size,
             pointer,
             size,
             size,
             ctypes.c_int,
         ]
         library.kw_fused_conv.restype = None
-        library.kw_pack_cells.argtypes = [
-            pointer,
-            size,
-            ctypes.c_int,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            size,
-            ctypes.c_int,
-        ]
-        library.kw_pack_cells.restype = None
         library.kw_fused_weight_grad.argtypes = [
             pointer,
             size,
@@ -413,24 +395,6 @@ class Kernels:
             )
         return out
 
-    def pack_cells(self, by_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """:func:`pack_cells` of this variant."""
-        c_out, num, length = by_output.shape
-        blocks = -(-c_out // channels)
-        packed = torch.empty(blocks, length, num, channels, dtype=by_output.dtype)
-        if packed.numel():
-            self._library.kw_pack_cells(
-                by_output.data_ptr(),
-                c_out,
-                num,
-                length,
-                *by_output.stride(),
-                packed.data_ptr(),
-                channels,
-                torch.get_num_threads(),
-            )
-        return packed
-
     def fused_weight_grad(
         self,
         cols: torch.Tensor,
@@ -491,22 +455,16 @@ class Kernels:
         return grad_rows, grad_cells
 
     def fused_conv(
-        self, cols: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, c_out: int, tile_floats: int
+        self, cols: torch.Tensor, rows: torch.Tensor, by_output: torch.Tensor, channels: int, tile_floats: int
     ) -> torch.Tensor:
         """:func:`fused_conv` of this variant."""
         batch, positions, width = cols.shape
         _, out_blocks, col_blocks, num = rows.shape
-        blocks, length, packed_num, channels = packed.shape
-        if (
-            cols.stride(2) != 1
-            or rows.shape[0] != batch
-            or packed_num != num
-            or col_blocks * length != width
-            or blocks != -(-c_out // channels)
-        ):
+        c_out, cells_num, length = by_output.shape
+        if cols.stride(2) != 1 or rows.shape[0] != batch or cells_num != num or col_blocks * length != width:
             raise ValueError(
-                f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and packed cells "
-                f"{tuple(packed.shape)} for {c_out} output channels do not fit"
+                f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and cells "
+                f"{tuple(by_output.shape)} do not fit"
             )
         rows = rows.contiguous()
         out = torch.empty(batch, positions, out_blocks * c_out, dtype=cols.dtype)
@@ -521,9 +479,10 @@ class Kernels:
                 out_blocks,
                 col_blocks,
                 num,
-                packed.data_ptr(),
+                by_output.data_ptr(),
                 length,
                 c_out,
+                *by_output.stride(),
                 out.data_ptr(),
                 channels,
                 tile_floats,

@@ -9,7 +9,7 @@
  * kw_rows_gradient: its gradient with respect to the rows, dot products along the length summed in
  * vectors over a few channels at a time, in an order fixed by the thread count.
  * kw_fused_conv: a convolution as a product with input patches whose per-sample weights are assembled a tile
- * at a time in cache by the same register blocks and used at once; kw_pack_cells lays the warehouse out for it.
+ * at a time in cache by the same register blocks and used at once.
  * The same kernel with the roles of input and output swapped gives its input gradient, and
  * kw_fused_weight_grad the mixture and cell gradients from tiles of the weight gradient.
  *
@@ -147,25 +147,45 @@ void kw_mix_rows(const float *rows, long num_rows, int n, const float *cells, lo
     }
 }
 
+/* The cells of output channels c0 .. c0 + size - 1 and columns e0 .. e0 + span - 1 as tile[e - e0][j][c - c0],
+ * rows of `channels` floats. cells: (c_out, n, d) with strides (channel_stride, cell_stride, length_stride):
+ * whichever of the channels or the columns is contiguous is read in runs. */
+static void gather_cells(const float *cells, long channel_stride, long cell_stride, long length_stride, long c0,
+                         long size, int n, long e0, long span, long channels, float *tile) {
+    if (channel_stride == 1) {
+        for (long e = 0; e < span; e++)
+            for (int j = 0; j < n; j++)
+                memcpy(tile + (e * n + j) * channels, cells + c0 + j * cell_stride + (e0 + e) * length_stride,
+                       sizeof(float) * (size_t)size);
+        return;
+    }
+    for (int j = 0; j < n; j++)
+        for (long c = 0; c < size; c++) {
+            const float *source = cells + (c0 + c) * channel_stride + j * cell_stride + e0 * length_stride;
+            for (long e = 0; e < span; e++) tile[(e * n + j) * channels + c] = source[e * length_stride];
+        }
+}
+
 /* kw_fused_conv: a product of input patches with per-sample weights that are assembled a tile at a time in
  * cache and used at once, so that no whole weight is written to memory. For sample b, position l and output
  * channel o = ob * c_out + c (out_blocks blocks of c_out channels):
  *     out[b, l, o] = sum_{q, e} cols[b, l, q * d + e] * W_b[o, q * d + e]
  *     W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * cells[c, j, e]
  * cols: (batch, positions, col_blocks * d), strides (cols_sample_stride, cols_row_stride, 1), the patches of
- * a convolution; rows: (batch, out_blocks, col_blocks, n) contiguous, the mixture weights; cells_packed:
- * the (c_out, n, d) cells as kw_pack_cells lays them out for blocks of `channels` output channels; out:
- * (batch, positions, out_blocks * c_out) contiguous, overwritten.
+ * a convolution; rows: (batch, out_blocks, col_blocks, n) contiguous, the mixture weights; cells: (c_out, n,
+ * d), strides (channel_stride, cell_stride, length_stride), the warehouse stored by output channel or, for the
+ * input gradient, a transposed view of it; out: (batch, positions, out_blocks * c_out) contiguous, overwritten.
  *
  * A task is one block of `channels` output channels (and, with fewer blocks than threads, a share of the
  * batch). For each slice of `kc` weight columns (e) it assembles the weights of up to MAX_ROWS samples at once,
- * kc x channels each for every column block q, from the slice of the packed cells, which stays in the cache
- * for all samples (and one row of it in L1 across the column blocks); each assembled tile is then applied to
+ * kc x channels each for every column block q, from the slice of the cells, gathered once into a tile that
+ * stays in the cache for all samples (and one row of it in L1 across the column blocks); each assembled tile is then applied to
  * the sample's patches (rows of positions times vectors of channels, the register blocks of kw_mix_rows).
  * tile_floats bounds what one thread keeps in cache, (n + col_blocks * MAX_ROWS) * kc * channels floats. */
 void kw_fused_conv(const float *cols, long batch, long positions, long cols_sample_stride, long cols_row_stride,
-                   const float *rows, long out_blocks, long col_blocks, int n, const float *cells_packed, long d,
-                   long c_out, float *out, long channels, long tile_floats, int threads) {
+                   const float *rows, long out_blocks, long col_blocks, int n, const float *cells, long d, long c_out,
+                   long channel_stride, long cell_stride, long length_stride, float *out, long channels,
+                   long tile_floats, int threads) {
     long kc = tile_floats / (((long)n + col_blocks * MAX_ROWS) * channels);
     if (kc < 8) kc = 8;
     if (kc > d) kc = d;
@@ -177,7 +197,7 @@ void kw_fused_conv(const float *cols, long batch, long positions, long cols_samp
         if (parts > sample_groups) parts = sample_groups;
     }
     const long width = out_blocks * c_out, row_stride = out_blocks * col_blocks * n;
-    const long buffer = col_blocks * MAX_ROWS * kc * channels;
+    const long buffer = (col_blocks * MAX_ROWS + n) * kc * channels;
     float *buffers = malloc(sizeof(float) * (size_t)(buffer * threads));
     if (buffers == NULL) threads = 1, buffers = malloc(sizeof(float) * (size_t)buffer);
     if (buffers == NULL) return;
@@ -187,14 +207,15 @@ void kw_fused_conv(const float *cols, long batch, long positions, long cols_samp
 #ifdef _OPENMP
         thread = omp_get_thread_num();
 #endif
-        float *tiles = buffers + buffer * thread;
+        float *tiles = buffers + buffer * thread, *block_cells = tiles + col_blocks * MAX_ROWS * kc * channels;
         const long ob = task / parts / channel_blocks, c0 = task / parts % channel_blocks * channels;
         const long part = task % parts;
         const long first_group = sample_groups * part / parts, last_group = sample_groups * (part + 1) / parts;
         const long size = c_out - c0 < channels ? c_out - c0 : channels;
-        const float *block_cells = cells_packed + c0 * d * n;
         for (long e0 = 0; e0 < d; e0 += kc) {
             const long span = d - e0 < kc ? d - e0 : kc, tile = span * size;
+            gather_cells(cells, channel_stride, cell_stride, length_stride, c0, size, n, e0, span, channels,
+                         block_cells);
             for (long g = first_group; g < last_group; g++) {
                 const long b0 = g * MAX_ROWS;
                 const int samples = (int)(batch - b0 < MAX_ROWS ? batch - b0 : MAX_ROWS);
@@ -202,7 +223,7 @@ void kw_fused_conv(const float *cols, long batch, long positions, long cols_samp
                 /* the tiles of every column block q and sample s, (q, s, span, size); one row of cells in L1 */
                 for (long e = 0; e < span; e++)
                     for (long q = 0; q < col_blocks; q++)
-                        row_block(samples, coefficients + q * n, row_stride, n, block_cells + (e0 + e) * n * channels,
+                        row_block(samples, coefficients + q * n, row_stride, n, block_cells + e * n * channels,
                                   channels, size, tiles + q * samples * tile + e * size, tile, 0);
                 for (long q = 0; q < col_blocks; q++)
                     for (int s = 0; s < samples; s++) {
@@ -222,29 +243,6 @@ void kw_fused_conv(const float *cols, long batch, long positions, long cols_samp
         }
     }
     free(buffers);
-}
-
-/* kw_pack_cells: cells in the order kw_fused_conv reads them. cells: (c_out, n, d), strides (channel_stride,
- * cell_stride, length_stride); packed: (c_out / channels rounded up, d, n, channels) contiguous,
- * packed[c / channels, e, j, c % channels] = cells[c, j, e], zeros past c_out. */
-void kw_pack_cells(const float *cells, long c_out, int n, long d, long channel_stride, long cell_stride,
-                   long length_stride, float *packed, long channels, int threads) {
-    const long blocks = (c_out + channels - 1) / channels;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long task = 0; task < blocks * n; task++) {
-        const long block = task / n, j = task % n, c0 = block * channels;
-        const long size = c_out - c0 < channels ? c_out - c0 : channels;
-        float *target = packed + (block * d * n + j) * channels;
-        for (long e0 = 0; e0 < d; e0 += 16) {   /* 16 columns of `channels` rows at a time */
-            const long span = d - e0 < 16 ? d - e0 : 16;
-            for (long c = 0; c < size; c++) {
-                const float *source = cells + (c0 + c) * channel_stride + j * cell_stride + e0 * length_stride;
-                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = source[e * length_stride];
-            }
-            for (long c = size; c < channels; c++)
-                for (long e = 0; e < span; e++) target[(e0 + e) * n * channels + c] = 0.0f;
-        }
-    }
 }
 
 /* `count` floats from p, then zeros */
