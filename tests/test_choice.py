@@ -201,6 +201,19 @@ def test_candidates_are_pruned_by_what_applies():
         ]
 
 
+@pytest.mark.skipif(not kw.native.available(), reason="the fused path runs on the native kernels")
+def test_fused_path_is_timed_with_its_own_backward_only():
+    layer = kw.KWConv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 5, 5)
+    mixture = torch.zeros(2, 9, 1)
+    with torch.no_grad():
+        infer = candidates(LayerCall.of(x, mixture, layer.warehouse.weight, layer._geometry))
+    train = candidates(LayerCall.of(x.requires_grad_(), mixture, layer.warehouse.weight, layer._geometry))
+    assert "fused" in infer and "fused@torch" not in infer
+    assert [c for c in train if c.startswith("fused")] == ["fused:tiles"]
+    assert "patches:slices" in train and "loop:sample" in train
+
+
 def test_linear_layer_needs_no_timing(measured):
     fake, timed = measured
     with torch.no_grad(), kw.native.enabled(False):  # (with the kernels: they and PyTorch's products compete)

@@ -126,6 +126,8 @@ class ExecutionPath:
     folds_epilogue: bool = False
     #: the backward form where a training call names none (default: :func:`loop_backward_rule`)
     default_backward: Callable[[LayerCall], str] | None = None
+    #: the backward forms ``auto`` times (default: all of ``backwards``); the others run when asked for
+    timed_backwards: tuple[str, ...] | None = None
 
     def backward_supported(self, form: str, call: LayerCall) -> bool:
         if not self.backwards:
@@ -306,6 +308,7 @@ register(
         _fused,
         ("tiles", *LOOP_BACKWARDS),
         default_backward=lambda call: "tiles",
+        timed_backwards=("tiles",),  # the loop forms behind this forward: what patches:* time already
     )
 )
 register(
@@ -352,7 +355,9 @@ def candidates(call: LayerCall) -> list[str]:
     keeps training memory near the static model's; ``mix`` and ``loop:mix`` where
     they cost more than :data:`kernelwarehouse.tuning.MIX_PRUNE_ADVANTAGE` times the multiply-adds
     of assembling, ``loop:slices`` on maps larger than
-    :data:`kernelwarehouse.tuning.SLICES_PRUNE_POSITIONS`."""
+    :data:`kernelwarehouse.tuning.SLICES_PRUNE_POSITIONS`; of a path's backward forms, those in its
+    ``timed_backwards`` (``fused:tiles``: the ``loop`` forms behind the ``fused`` forward would time
+    what ``patches`` times already)."""
     found = []
     for path in REGISTRY.values():
         if path.name == "reference" or not path.supports(call):
@@ -368,7 +373,7 @@ def candidates(call: LayerCall) -> list[str]:
         if call.grad and path.backwards:
             found += [
                 f"{path.name}:{form}"
-                for form in path.backwards
+                for form in path.timed_backwards or path.backwards
                 if path.backward_supported(form, call) and not _pruned_backward(form, call)
             ]
         else:
