@@ -315,6 +315,11 @@ def test_timing_keeps_the_fastest_run_and_stops_a_candidate_that_cannot_win(monk
     assert (
         choice.time_candidate(run, "cpu", "b", best=3.0) == 9.0 and len(calls) == 2
     )  # over 2x the best: one run
+    calls.clear()
+    costs = iter([13.0])
+    assert (
+        choice.time_candidate(run, "cpu", "c", best=3.0) == 13.0 and len(calls) == 1
+    )  # a warm-up over 4x the best: no timed run at all
 
 
 @pytest.mark.skipif(not kw.native.available(), reason="native kernels not built on this machine")

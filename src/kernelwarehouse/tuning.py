@@ -75,6 +75,13 @@ TRITON_WARPS = 8
 #: disturbed by other work on the machine).
 MEASURE_REPEATS = 3
 
+#: A candidate whose untimed warm-up run alone takes over this many times the best time so far is not
+#: run again: it cannot win (a warm-up may pay one-time costs, so the bound is looser than the 2x that
+#: stops the timed runs). A 2-process digits epoch of KW-ResNet18 1/2x at one thread per process
+#: (Xeon-512 restricted to AVX2) spent about 6 of its 7 minutes timing candidates, most of it on
+#: candidates 5-20 times slower than the best.
+MEASURE_WARMUP_STOP = 4.0
+
 #: Candidates pruned before timing, where they cannot win and would make the first step slow:
 #: ``mix`` and the ``loop:mix`` backward where they cost more than this many times the multiply-adds
 #: of assembling (n L |W| / (spatial blocks * input blocks) against (n + L) |W| per sample). Xeon-512,

@@ -168,21 +168,28 @@ def _shared_store(call: LayerCall):
 def time_candidate(run: Callable[[], None], device: str, name: str, best: float = float("inf")) -> float:
     """Seconds of the fastest of :data:`~kernelwarehouse.tuning.MEASURE_REPEATS` runs of candidate
     ``name`` after one warm-up; stops early once a run takes over twice ``best``, the fastest
-    candidate so far (it cannot win). The one place that reads a clock: tests replace it."""
+    candidate so far, or the warm-up over :data:`~kernelwarehouse.tuning.MEASURE_WARMUP_STOP` times
+    it (it cannot win). The one place that reads a clock: tests replace it."""
     cuda = device.startswith("cuda")
-    run()
+    warm_up = _seconds(run, cuda)
+    if warm_up > tuning.MEASURE_WARMUP_STOP * best:
+        return warm_up
     fastest = float("inf")
     for _ in range(tuning.MEASURE_REPEATS):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        fastest = min(fastest, time.perf_counter() - start)
+        fastest = min(fastest, _seconds(run, cuda))
         if fastest > 2 * best:
             break
     return fastest
+
+
+def _seconds(run: Callable[[], None], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _saved_tensor_hooks_active() -> bool:
