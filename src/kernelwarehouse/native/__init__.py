@@ -224,106 +224,38 @@ def fused_conv(
     return _loaded().fused_conv(cols, rows, by_output, channels, tile_floats)
 
 
-def fused_weight_grad(
-    cols: torch.Tensor,
-    grad: torch.Tensor,
-    rows: torch.Tensor,
-    by_output: torch.Tensor,
-    channels: int,
-    tile_floats: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mixture and cell gradients of :func:`fused_conv` from ``grad`` (B, out blocks * c_out, L),
-    the output's gradient, without building any whole weight gradient: with ``dW_b = grad[b] @
-    cols[b]``, the rows' gradient ``sum dW_b * cells`` (B, out blocks, Q, n) and the cells' ``sum rows
-    * dW_b`` (c_out, n, d). Tiles of ``channels`` cell channels; ``tile_floats`` bounds the floats of
-    weight-gradient tiles one thread keeps in cache. Callers check :func:`applies` first."""
-    return _loaded().fused_weight_grad(cols, grad, rows, by_output, channels, tile_floats)
+def fused_weight_grad(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused_weight_grad(cols, grad, rows, by_output, channels, tile_floats)`` (the arguments of
+    :meth:`Kernels.fused_weight_grad`): the mixture and cell gradients of :func:`fused_conv` from
+    ``grad`` (B, out blocks * c_out, L), the output's gradient, without building any whole weight
+    gradient. With ``dW_b = grad[b] @ cols[b]``, the rows' gradient ``sum dW_b * cells`` (B, out
+    blocks, Q, n) and the cells' ``sum rows * dW_b`` (c_out, n, d). Tiles of ``channels`` cell
+    channels; ``tile_floats`` bounds the floats of weight-gradient tiles one thread keeps in cache.
+    Callers check :func:`applies` first."""
+    return _loaded().fused_weight_grad(*args, **kwargs)
+
+
+# each kernel's arguments in kernels.c, one letter each (pointer, long, int), and its result
+_ARGUMENT_TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int}
+_SIGNATURES = {
+    "kw_mix_rows": ("plipllllpllii", None),
+    "kw_rows_gradient": ("plllpillllpi", None),
+    "kw_fused_conv": ("pllllplliplllllplli", None),
+    "kw_fused_weight_grad": ("pllllppllipllllpplli", ctypes.c_int),
+}
 
 
 class Kernels:
-    """The kernels of one variant's library (:func:`load`): ``mix_rows`` and ``rows_gradient`` as the
-    module's functions, float32 CPU tensors only."""
+    """The kernels of one variant's library (:func:`load`): ``mix_rows``, ``rows_gradient``,
+    ``fused_conv`` and ``fused_weight_grad`` as the module's functions, float32 CPU tensors only."""
 
     def __init__(self, variant: str, path: Path):
         self.variant, self.path = variant, path
         library = ctypes.CDLL(str(path))
-        size, pointer = ctypes.c_long, ctypes.c_void_p
-        library.kw_mix_rows.argtypes = [
-            pointer,
-            size,
-            ctypes.c_int,
-            pointer,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            size,
-            size,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        library.kw_mix_rows.restype = None
-        library.kw_rows_gradient.argtypes = [
-            pointer,
-            size,
-            size,
-            size,
-            pointer,
-            ctypes.c_int,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            ctypes.c_int,
-        ]
-        library.kw_rows_gradient.restype = None
-        library.kw_fused_conv.argtypes = [
-            pointer,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            size,
-            size,
-            ctypes.c_int,
-            pointer,
-            size,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            size,
-            size,
-            ctypes.c_int,
-        ]
-        library.kw_fused_conv.restype = None
-        library.kw_fused_weight_grad.argtypes = [
-            pointer,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            pointer,
-            size,
-            size,
-            ctypes.c_int,
-            pointer,
-            size,
-            size,
-            size,
-            size,
-            pointer,
-            pointer,
-            size,
-            size,
-            ctypes.c_int,
-        ]
-        library.kw_fused_weight_grad.restype = ctypes.c_int
+        for name, (kinds, result) in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = [_ARGUMENT_TYPES[kind] for kind in kinds]
+            function.restype = result
         self._library = library
 
     def __repr__(self) -> str:
@@ -427,19 +359,10 @@ class Kernels:
         grad_cells = torch.empty(c_out, num, length, dtype=cols.dtype)
         if grad_rows.numel() and grad_cells.numel():
             failed = self._library.kw_fused_weight_grad(
-                cols.data_ptr(),
-                batch,
-                positions,
-                cols.stride(0),
-                cols.stride(1),
+                *_patches_arguments(cols),
                 grad.data_ptr(),
                 rows_t.data_ptr(),
-                out_blocks,
-                col_blocks,
-                num,
-                by_output.data_ptr(),
-                length,
-                c_out,
+                *_layout_arguments(rows, by_output),
                 by_output.stride(0),
                 by_output.stride(1),
                 grad_rows.data_ptr(),
@@ -470,18 +393,9 @@ class Kernels:
         out = torch.empty(batch, positions, out_blocks * c_out, dtype=cols.dtype)
         if out.numel():
             self._library.kw_fused_conv(
-                cols.data_ptr(),
-                batch,
-                positions,
-                cols.stride(0),
-                cols.stride(1),
+                *_patches_arguments(cols),
                 rows.data_ptr(),
-                out_blocks,
-                col_blocks,
-                num,
-                by_output.data_ptr(),
-                length,
-                c_out,
+                *_layout_arguments(rows, by_output),
                 *by_output.stride(),
                 out.data_ptr(),
                 channels,
@@ -489,6 +403,17 @@ class Kernels:
                 torch.get_num_threads(),
             )
         return out
+
+
+def _patches_arguments(cols: torch.Tensor) -> tuple[int, ...]:
+    """The fused kernels' first arguments: the patches, their batch and positions, and strides."""
+    return (cols.data_ptr(), cols.shape[0], cols.shape[1], cols.stride(0), cols.stride(1))
+
+
+def _layout_arguments(rows: torch.Tensor, by_output: torch.Tensor) -> tuple[int, ...]:
+    """The fused kernels' blocks and cells: output and column blocks, n, the cells, d and c_out."""
+    _, out_blocks, col_blocks, num = rows.shape
+    return (out_blocks, col_blocks, num, by_output.data_ptr(), by_output.shape[2], by_output.shape[0])
 
 
 def _loaded() -> Kernels:
