@@ -16,7 +16,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import native, tuning
 from .assembly import cells_by_output
-from .loop import loop_conv
+from .loop import block_rows, block_rows_to_mixture, loop_conv
 from .per_sample import BackwardOperands, ConvGeometry, patches
 
 
@@ -32,14 +32,6 @@ def fused_supported(geo: ConvGeometry, cells_shape: tuple[int, ...], dtype: str,
         and geo.groups == 1
         and whole_kernels
     )
-
-
-def _rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """(B, m, n) mixture weights as (B, output blocks, spatial * input blocks, n): the rows of each
-    block of output channels, by column block of the weight."""
-    spatial, out_blocks, in_blocks = geo.grid
-    rows = mixture.reshape(mixture.shape[0], spatial, out_blocks, in_blocks, -1).transpose(1, 2)
-    return rows.reshape(mixture.shape[0], out_blocks, spatial * in_blocks, -1)
 
 
 _kept: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # warehouse -> (its version, a copy)
@@ -68,9 +60,7 @@ def fused_conv(
     if not native.applies(x, mixture, cells):
         return loop_conv(x, mixture, cells, geo, by_patches=True)
     cols, size = patches(x, geo, kernel_first=geo.grid.spatial > 1)
-    if cols.stride(2) != 1:
-        cols = cols.contiguous()
-    rows = _rows(mixture, geo)
+    rows = block_rows(mixture, geo)
     by_output = kept_cells(cells) if keep else cells_by_output(cells)
     out = native.fused_conv(cols, rows, by_output, tuning.FUSED_CHANNELS, tuning.FUSED_TILE_FLOATS)
     return out.reshape(x.shape[0], *size, -1).movedim(-1, 1)
@@ -83,13 +73,11 @@ def fused_backward(ops: BackwardOperands) -> torch.Tensor:
     weights (a transposed view of the warehouse), the rest comes from tiles of the weight gradient
     (:func:`kernelwarehouse.native.fused_weight_grad`)."""
     x, mixture, cells, grad, geo, grad_x, grad_mixture = ops
-    spatial, out_blocks, in_blocks = geo.grid
     batch, by_output = x.shape[0], cells_by_output(cells)
     with torch.enable_grad():
         inputs = x.detach().requires_grad_(grad_x is not None)
-        cols, _ = patches(inputs, geo, kernel_first=spatial > 1)
-    data = cols.detach() if cols.stride(2) == 1 else cols.detach().contiguous()
-    rows = _rows(mixture, geo)
+        cols, _ = patches(inputs, geo, kernel_first=geo.grid.spatial > 1)
+    rows = block_rows(mixture, geo)
     by_position = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
     if grad_x is not None:
         channels_last = by_position.transpose(1, 2).contiguous()
@@ -102,8 +90,7 @@ def fused_backward(ops: BackwardOperands) -> torch.Tensor:
         )
         grad_x.copy_(torch.autograd.grad(cols, inputs, grad_cols)[0])
     grad_rows, grad_by_output = native.fused_weight_grad(
-        data, by_position, rows, by_output, tuning.FUSED_GRAD_CHANNELS, tuning.FUSED_GRAD_TILE_FLOATS
+        cols.detach(), by_position, rows, by_output, tuning.FUSED_GRAD_CHANNELS, tuning.FUSED_GRAD_TILE_FLOATS
     )
-    grad_rows = grad_rows.reshape(batch, out_blocks, spatial, in_blocks, -1).transpose(1, 2)
-    grad_mixture.copy_(grad_rows.reshape(grad_mixture.shape))
+    grad_mixture.copy_(block_rows_to_mixture(grad_rows, geo))
     return grad_by_output.transpose(0, 1).reshape(cells.shape)

@@ -13,11 +13,24 @@ from .assembly import cells_by_output, mix_rows, rows_gradient
 from .per_sample import CONV, BackwardOperands, ConvGeometry, patches, weight_backward
 
 
+def block_rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """(B, m, n) mixture weights as (B, output block, spatial * input block, n): the rows of each
+    block of output channels, by column block of the weight."""
+    spatial, out_blocks, in_blocks = geo.grid
+    rows = mixture.reshape(mixture.shape[0], spatial, out_blocks, in_blocks, -1).transpose(1, 2)
+    return rows.reshape(mixture.shape[0], out_blocks, spatial * in_blocks, -1)
+
+
+def block_rows_to_mixture(rows: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """The inverse of :func:`block_rows`: (B, output block, spatial * input block, n) -> (B, m, n)."""
+    spatial, out_blocks, in_blocks = geo.grid
+    rows = rows.reshape(rows.shape[0], out_blocks, spatial, in_blocks, -1).transpose(1, 2)
+    return rows.reshape(rows.shape[0], spatial * out_blocks * in_blocks, -1)
+
+
 def _sample_rows(mixture: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """One sample's (m, n) mixture weights as (output block, spatial * input block, n)."""
-    spatial, out_blocks, in_blocks = geo.grid
-    rows = mixture.reshape(spatial, out_blocks, in_blocks, -1).transpose(0, 1)
-    return rows.reshape(out_blocks, spatial * in_blocks, -1)
+    return block_rows(mixture.unsqueeze(0), geo)[0]
 
 
 def _as_weight(products: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
@@ -233,7 +246,7 @@ def _backward_by_slices(ops: BackwardOperands, by_output: torch.Tensor) -> torch
     grad_cols = torch.empty_like(cols) if grad_x is not None else None
     grad_by_output = torch.empty_like(by_output)
     grad = grad.reshape(batch, geo.weight_shape[0], -1)
-    rows = [_sample_rows(mixture[b], geo) for b in range(batch)]
+    rows = block_rows(mixture, geo)
     grad_rows = mixture.new_zeros(batch, out_blocks, spatial * in_blocks, num)
     step = _slice_channels(channels, spatial * in_blocks * length, geo)
     weight = by_output.new_empty(step, spatial * in_blocks, length)
@@ -253,8 +266,7 @@ def _backward_by_slices(ops: BackwardOperands, by_output: torch.Tensor) -> torch
                 mix_rows(dy, cols[b].detach().unsqueeze(0), out=gw.reshape(1, size, -1))
                 grad_rows[b, block] += rows_gradient(gw, part)
                 mix_rows(rows[b][block].t(), gw, out=grad_part, accumulate=block > 0 or b > 0)
-    grad_rows = grad_rows.reshape(batch, out_blocks, spatial, in_blocks, num).transpose(1, 2)
-    grad_mixture.copy_(grad_rows.reshape(grad_mixture.shape))
+    grad_mixture.copy_(block_rows_to_mixture(grad_rows, geo))
     if grad_x is not None:
         grad_x.copy_(torch.autograd.grad(cols, inputs, grad_cols)[0])
     return grad_by_output

@@ -217,7 +217,7 @@ def fused_conv(
 ) -> torch.Tensor:
     """``out[b] = cols[b] @ W_b^T``, each sample's weight assembled a tile at a time in cache and used
     at once: ``W_b[ob * c_out + c, q * d + e] = sum_j rows[b, ob, q, j] * by_output[c, j, e]``.
-    ``cols``: (B, L, Q * d) patches, rows contiguous; ``rows``: (B, out blocks, Q, n) mixture
+    ``cols``: (B, L, Q * d) patches, any strides; ``rows``: (B, out blocks, Q, n) mixture
     weights; ``by_output``: (c_out, n, d) cells, any strides. Returns (B, L, out blocks * c_out).
     Blocks of ``channels`` output channels; ``tile_floats`` bounds the floats of cells and assembled
     weights one thread keeps in cache. Callers check :func:`applies` first."""
@@ -341,8 +341,7 @@ class Kernels:
         _, out_blocks, col_blocks, num = rows.shape
         c_out, cells_num, length = by_output.shape
         if (
-            cols.stride(2) != 1
-            or rows.shape[0] != batch
+            rows.shape[0] != batch
             or cells_num != num
             or col_blocks * length != width
             or grad.shape != (batch, out_blocks * c_out, positions)
@@ -351,6 +350,7 @@ class Kernels:
                 f"fused_weight_grad: patches {tuple(cols.shape)}, output gradient {tuple(grad.shape)}, "
                 f"rows {tuple(rows.shape)} and cells {tuple(by_output.shape)} do not fit"
             )
+        cols = cols if cols.stride(2) == 1 else cols.contiguous()
         grad = grad.contiguous()
         rows_t = rows.reshape(-1, num).t().contiguous()
         if by_output.stride(2) != 1:
@@ -384,11 +384,12 @@ class Kernels:
         batch, positions, width = cols.shape
         _, out_blocks, col_blocks, num = rows.shape
         c_out, cells_num, length = by_output.shape
-        if cols.stride(2) != 1 or rows.shape[0] != batch or cells_num != num or col_blocks * length != width:
+        if rows.shape[0] != batch or cells_num != num or col_blocks * length != width:
             raise ValueError(
                 f"fused_conv: patches {tuple(cols.shape)}, rows {tuple(rows.shape)} and cells "
                 f"{tuple(by_output.shape)} do not fit"
             )
+        cols = cols if cols.stride(2) == 1 else cols.contiguous()
         rows = rows.contiguous()
         out = torch.empty(batch, positions, out_blocks * c_out, dtype=cols.dtype)
         if out.numel():
